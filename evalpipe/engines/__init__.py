@@ -1,0 +1,1 @@
+"""Engines produce completions. See `base.Engine`."""

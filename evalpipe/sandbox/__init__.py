@@ -1,0 +1,1 @@
+"""Sandboxes run untrusted programs outside the evalpipe process. See `base.Sandbox`."""

