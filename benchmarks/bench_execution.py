@@ -53,7 +53,8 @@ def time_evalpipe(samples: Path, sandbox: str, runs: Path) -> tuple[float, float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--copies", type=int, default=10, help="samples per task (default 10: 1640 samples)")
     parser.add_argument("--sandbox", action="append", help="process and/or docker (default: both)")
     args = parser.parse_args()
