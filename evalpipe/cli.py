@@ -24,8 +24,10 @@ from rich.progress import Task as RichTask
 from rich.table import Table
 from rich.text import Text
 
-from evalpipe import __version__
+from evalpipe import __version__, pipeline
 from evalpipe.errors import EvalpipeError, UserError
+from evalpipe.executor import Executor, InlineExecutor
+from evalpipe.pipeline import RunPlan
 from evalpipe.records import ClusterConfig, Execution, Generation, RunConfig, SandboxLimits, Score
 from evalpipe.registry import BACKENDS, names
 from evalpipe.rundir import RunDirectory, ensure_runs_dir, list_runs
@@ -79,6 +81,17 @@ def make_sandbox(name: str, limits: SandboxLimits, workers: int) -> Sandbox:
 
         err.print(f"[bold yellow]WARNING:[/] {WARNING}", soft_wrap=True)
     return cast("Sandbox", factory(limits, workers))
+
+
+def make_executor(plan: RunPlan) -> Executor:
+    """Ray actors when the cluster config asks for them, else engines here and one sandbox."""
+    config, cluster = plan.config, plan.cluster
+    if cluster.executor == "ray":
+        from evalpipe.cluster import RayExecutor
+
+        return cast("Executor", RayExecutor(plan))
+    sandbox = make_sandbox(config.sandbox, config.limits, _workers(cluster.workers))
+    return InlineExecutor(plan.engines, sandbox)
 
 
 class RichReporter:
@@ -252,7 +265,6 @@ def _default_model(engine: str, samples: Path | None) -> str:
 
 
 def _run(config: RunConfig, cluster: ClusterConfig, resume: Path | None) -> None:
-    from evalpipe import pipeline
 
     existing = RunDirectory.open(resume) if resume is not None else None
     if existing is None:
@@ -261,13 +273,13 @@ def _run(config: RunConfig, cluster: ClusterConfig, resume: Path | None) -> None
     try:
         if existing is not None:
             pipeline.check_resumable(existing, plan)
-        box = make_sandbox(config.sandbox, config.limits, _workers(cluster.workers))
+        executor = make_executor(plan)
         try:
             if existing is None:
                 run_dir = RunDirectory.create(
                     Path(cluster.runs_dir),
                     config,
-                    pipeline.new_manifest(plan, box.describe(), pipeline.run_id_for(plan)),
+                    pipeline.new_manifest(plan, executor.sandbox_info(), pipeline.run_id_for(plan)),
                     plan.tasks,
                 )
             else:
@@ -275,7 +287,7 @@ def _run(config: RunConfig, cluster: ClusterConfig, resume: Path | None) -> None
             err.print(f"run directory: {run_dir.path}")
             with _progress() as progress:
                 try:
-                    scores = pipeline.execute(plan, run_dir, box, RichReporter(progress))
+                    scores = pipeline.execute(plan, run_dir, executor, RichReporter(progress))
                 except KeyboardInterrupt:
                     progress.stop()
                     err.print(f"interrupted; continue with: evalpipe resume {run_dir.path}")
@@ -283,7 +295,7 @@ def _run(config: RunConfig, cluster: ClusterConfig, resume: Path | None) -> None
             run_dir.close()
             _print_scores(run_dir, scores)
         finally:
-            box.close()
+            executor.close()
     finally:
         plan.close()
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any, Protocol, cast
 from evalpipe import __version__
 from evalpipe.engines.base import Engine, EngineFactory, GenerationRequest
 from evalpipe.errors import EvalpipeError, RunFailed, UserError
+from evalpipe.executor import Executor
 from evalpipe.program import assemble, sha256, syntax_valid
 from evalpipe.records import (
     ClusterConfig,
@@ -37,7 +38,7 @@ from evalpipe.records import (
 )
 from evalpipe.registry import check_backend, check_name, load
 from evalpipe.rundir import RunDirectory, utc_now
-from evalpipe.sandbox.base import Job, JobResult, Sandbox
+from evalpipe.sandbox.base import Job, JobResult
 from evalpipe.score import score_runs
 from evalpipe.suites import Suite, load_suite
 
@@ -252,7 +253,7 @@ class _Tracker:
 
 
 def execute(
-    plan: RunPlan, run: RunDirectory, sandbox: Sandbox, reporter: Reporter | None = None
+    plan: RunPlan, run: RunDirectory, executor: Executor, reporter: Reporter | None = None
 ) -> list[Score]:
     """Produce every missing generation and execution, then score. The run directory is left resumable."""
     reporter = reporter or SilentReporter()
@@ -273,26 +274,21 @@ def execute(
         meta[generation.key.as_tuple()] = (sha256(program), syntax_valid(task, generation.text))
         return Job(key=generation.key, program=program)
 
-    def jobs() -> Iterator[Job]:
-        # Samples generated before an interruption but never executed go first.
-        for key, generation in generations.items():
-            if key not in executed:
-                yield job_for(generation)
-        missing = [request for key, request in expected.items() if key not in generations]
-        by_engine: dict[tuple[str, str], list[GenerationRequest]] = {}
-        for request in missing:
-            by_engine.setdefault((request.key.model, request.key.backend), []).append(request)
-        for pair, requests in by_engine.items():
-            for generation in plan.engines[pair].generate(requests):
-                if generation.key.as_tuple() not in expected:
-                    raise RunFailed(f"engine {pair} returned an unrequested sample {generation.key}")
-                run.append_generation(generation)
-                tracker.update(generated=1)
-                reporter.generated(generation)
-                yield job_for(generation)
+    def record_generation(generation: Generation) -> Job:
+        key = generation.key.as_tuple()
+        if key not in expected or key in generations:
+            raise RunFailed(f"the engine returned an unrequested or repeated sample {generation.key}")
+        generations[key] = generation
+        run.append_generation(generation)
+        tracker.update(generated=1)
+        reporter.generated(generation)
+        return job_for(generation)
 
+    # Samples generated before an interruption but never executed go first.
+    pending = [job_for(g) for key, g in generations.items() if key not in executed]
+    missing = [request for key, request in expected.items() if key not in generations]
     try:
-        for job, result in sandbox.run(jobs()):
+        for job, result in executor.run(missing, pending, record_generation):
             execution = _execution(job.key, result, meta.pop(job.key.as_tuple()))
             run.append_execution(execution)
             tracker.update(executed=1)
@@ -305,9 +301,10 @@ def execute(
         raise
     except Exception as error:
         tracker.update(force=True, status="failed", error=f"{type(error).__name__}: {error}")
-        raise RunFailed(
-            f"the run failed: {type(error).__name__}: {error} (resume with `evalpipe resume`)"
-        ) from error
+        message = (
+            f"the run failed: {type(error).__name__}: {error} (continue with `evalpipe resume {run.path}`)"
+        )
+        raise RunFailed(message) from error
     scores = rescore(run, plan.config.ks)
     tracker.update(force=True, status="completed")
     return scores

@@ -177,6 +177,8 @@ class ClusterConfig(Record):
     """How a run is spread over machines; not part of its identity, may change on resume."""
 
     runs_dir: str = "runs"
+    executor: Literal["inline", "ray"] = "inline"
+    """`inline`: engines in the driver process; `ray`: generation replicas and sandbox workers as actors."""
     workers: int | None = Field(default=None, ge=1)
     """Sandbox concurrency; defaults to the number of usable cores."""
     replicas: int = Field(default=1, ge=1)
