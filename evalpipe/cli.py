@@ -214,6 +214,16 @@ def run(
     memory_mb: Annotated[int | None, typer.Option(help="Memory limit per program (suite default)")] = None,
     workers: Annotated[int | None, typer.Option(help="Programs run at once (default: usable cores)")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where run directories go")] = Path("runs"),
+    executor: Annotated[
+        str | None,
+        typer.Option(help="inline (this process) or ray (actors); default: ray for generating engines"),
+    ] = None,
+    replicas: Annotated[
+        int, typer.Option(help="Generation replicas per (model, backend), with --executor ray")
+    ] = 1,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Join this Ray cluster (auto, ray://host:port)")
+    ] = None,
     resume: Annotated[
         Path | None, typer.Option(help="Continue this run directory (same config required)")
     ] = None,
@@ -250,7 +260,16 @@ def run(
             sandbox=sandbox,
             limits=limits,
         )
-        cluster = ClusterConfig(runs_dir=str(runs_dir), workers=workers)
+        chosen = executor or (
+            "ray" if ray_address or replicas > 1 or engine not in REPLAY_ENGINES else "inline"
+        )
+        cluster = ClusterConfig(
+            runs_dir=str(runs_dir),
+            workers=workers,
+            executor=cast("Any", chosen),
+            replicas=replicas,
+            ray_address=ray_address,
+        )
     except ValidationError as error:
         raise UserError(_validation_message(error)) from None
     if any(value < 1 for value in config.ks):

@@ -20,6 +20,9 @@ _BUILTIN: dict[Kind, dict[str, str]] = {
         "reference": "evalpipe.engines.replay:ReferenceEngine",
         "samples": "evalpipe.engines.replay:SamplesEngine",
         "hf": "evalpipe.engines.hf:HFEngine",
+        # Replays canonical solutions with scripted delays and failures: for tests and benchmarks of the
+        # fan-out, where a real model would only add noise.
+        "scripted": "evalpipe.engines.scripted:ScriptedEngine",
     },
     "sandbox": {
         "process": "evalpipe.sandbox.process:ProcessSandbox",
