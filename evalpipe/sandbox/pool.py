@@ -109,10 +109,13 @@ class RunnerPool:
         self._lock = threading.Lock()
         self._failures = 0
         self._max_failures = max_runner_failures
+        self._closed = False
 
     def _connection(self, slot: int) -> RunnerConnection:
         connection = self._connections.get(slot)
         if connection is None:
+            if self._closed:  # a worker thread still running after close() must not start new runners
+                raise RunFailed("the sandbox was closed")
             connection = self._start_runner(slot)
             self._connections[slot] = connection
         return connection
@@ -196,5 +199,8 @@ class RunnerPool:
             yield job, self.run_one(0, job, attempts_before=1)
 
     def close(self) -> None:
+        self._closed = True
         for slot in list(self._connections):
-            self._connections.pop(slot).close()
+            connection = self._connections.pop(slot, None)
+            if connection is not None:
+                connection.close()
