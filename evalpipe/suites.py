@@ -28,6 +28,12 @@ class PromptSpec(Record):
     """`raw`: the task prompt as is (base models); `chat`: the model's chat template (instruct models)."""
     stop: tuple[str, ...] = ()
     """Stop sequences for unconstrained generation."""
+    instruction: str | None = None
+    """For `chat`: the user message, with `{prompt}` standing for the task's prompt (default: complete the
+    function in a fenced code block)."""
+    extract: str | None = None
+    """How the executed code is taken from the output: `json:FIELD` (a JSON object's string field FIELD);
+    default: the first code block for chat, the text up to a stop sequence for raw prompts."""
 
 
 class ConstraintSpec(Record):

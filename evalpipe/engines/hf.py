@@ -1,0 +1,739 @@
+"""The `hf` engine: transformers models on CPU or GPU, with llguidance or XGrammar token masks at every step.
+
+The decode loop is our own (not `model.generate`) so that masking, stopping and timing are under our control:
+
+- **Batches.** Requests are sorted by prompt length and decoded `batch_size` at a time: one forward pass per
+  step for every unfinished sequence of the batch, prompts left-padded, with an attention mask and explicit
+  position ids so that padding changes nothing (greedy output is the same at any batch size). Finished
+  sequences are dropped from the KV cache (`DynamicCache.batch_select_indices`) so they cost nothing more.
+- **Masks.** Before each sampling step, every constrained sequence's matcher fills its row of an int32
+  bitmask (llguidance: `llguidance.torch.fill_next_token_bitmask`; XGrammar:
+  `GrammarMatcher.fill_next_token_bitmask`); the rows are applied to the logits in one
+  `xgrammar.apply_token_bitmask_inplace` call (its native CPU kernel on CPU: llguidance's own apply is
+  `torch.compile`d and costs over a minute on its first CPU call). Both matchers allow EOS only where the
+  grammar accepts, so a sequence ends with `grammar_end` when EOS is chosen there.
+- **Grammars** are compiled once per engine and held for its life. A slow XGrammar compile (see
+  `XGRAMMAR_DISK_CACHE_MIN_S`) is also kept on disk (`CompiledGrammar.serialize_json`, under
+  `<cache>/xgrammar/`), keyed by the grammar's sha256, the tokenizer's vocabulary, the mask width, the stop
+  tokens and the xgrammar version and serialisation format. llguidance compiles in milliseconds and its
+  matchers cannot be serialised; each sample gets a `deep_copy` of one compiled matcher (microseconds).
+
+Timing (what each Generation reports), for a sequence in a batch:
+
+- `ttft_s`, `e2e_s`: wall time from the start of its batch's prefill to its first token / its end; `tpot_s` =
+  (e2e - ttft) / (tokens - 1). Every step's whole wall time counts for each sequence in that step, as it does
+  for a request in a vLLM batch; sequences of one batch share a prefill, so a short prompt's TTFT includes the
+  longer prompts' prefill. Time spent outside the engine while it has yielded a record is not counted.
+- `mask_s_per_token`: the sequence's own matcher time (fill) plus an equal share of the batched apply, divided
+  by the number of masked steps.
+- `grammar_compile_s` / `grammar_cache_hit`: the engine's one compile (or disk-cache load) for this grammar,
+  the same on every sample; it is never part of a sample's latency.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import llguidance
+import llguidance.hf
+import llguidance.torch
+import torch
+import xgrammar
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from evalpipe.engines.base import GenerationRequest, plan_requests
+from evalpipe.engines.builtin import builtin_model_dir, cache_root
+from evalpipe.errors import UserError
+
+# CHAT_INSTRUCTION, code_block and cut_at_stop are re-exported only for tests/unit/test_openai_engine.py,
+# which checks that this engine agrees with the shared helpers (it now uses them): drop both together.
+from evalpipe.prompting import (  # noqa: F401
+    CHAT_INSTRUCTION,
+    chat_messages,
+    code_block,
+    cut_at_stop,
+    extract_completion,
+    sample_seed,
+)
+from evalpipe.records import FinishReason, Generation, RunConfig, Task
+from evalpipe.suites import Suite
+
+if TYPE_CHECKING:
+    from evalpipe.constraints import Constraint
+
+GRAMMAR_BACKENDS = ("guidance", "xgrammar")
+SUPPORTED_BACKENDS = ("none", *GRAMMAR_BACKENDS, "auto")
+DEFAULT_BATCH_SIZE = 8
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Models: loaded once per process and shared by the engines of one run (one per backend), released on close.
+
+
+@dataclass
+class _Loaded:
+    model: Any
+    tokenizer: Any
+    path: str
+    load_s: float
+    users: int = 0
+
+
+_MODELS: dict[tuple[str, str], _Loaded] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def cpu_threads() -> int:
+    """Torch threads for CPU decoding: `$EVALPIPE_TORCH_THREADS`, else half the usable cores (at least one).
+
+    Decoding a small model issues many tiny ops; with every core in torch's pool, one busy core (the sandbox
+    runs beside generation) stalls each op: on 2 shared cores a 5 M model's step took a median 11-13 ms and a
+    p90 of 60-270 ms with 2 threads, against 2.4-6.5 ms and under 8 ms with 1. Torch's setting is per process.
+    """
+    configured = os.environ.get("EVALPIPE_TORCH_THREADS")
+    if configured:
+        try:
+            return max(1, int(configured))
+        except ValueError:
+            raise UserError(f"EVALPIPE_TORCH_THREADS must be a number, not {configured!r}") from None
+    return max(1, len(os.sched_getaffinity(0)) // 2)
+
+
+def online() -> bool:
+    """Whether models may be downloaded: only when the user says so (`EVALPIPE_ONLINE=1`)."""
+    return os.environ.get("EVALPIPE_ONLINE", "") == "1"
+
+
+def resolve_model(model: str) -> tuple[str, bool]:
+    """(what to pass to `from_pretrained`, local files only?) for a model name, folder or Hugging Face id."""
+    if model == "builtin":
+        return str(builtin_model_dir()), True
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path.resolve()), True
+    if path.exists():
+        raise UserError(f"model {model!r} is a file; give a model folder or a Hugging Face model id")
+    if model.startswith((".", "/", "~")):
+        raise UserError(f"model folder {model} does not exist")
+    return model, not online()
+
+
+def _acquire_model(model: str, device: str) -> _Loaded:
+    source, local_only = resolve_model(model)
+    key = (source, device)
+    with _MODELS_LOCK:
+        loaded = _MODELS.get(key)
+        if loaded is None:
+            started = time.perf_counter()
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+                dtype = torch.float32 if device == "cpu" else "auto"
+                network: Any = AutoModelForCausalLM.from_pretrained(
+                    source, local_files_only=local_only, dtype=dtype
+                )
+            except (OSError, ValueError) as error:
+                if local_only and not Path(source).is_dir():
+                    raise UserError(
+                        f"model {model!r} is neither a local folder nor in the Hugging Face cache "
+                        "(evalpipe does not download; set EVALPIPE_ONLINE=1 to allow it)"
+                    ) from None
+                first_line = (
+                    str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                )
+                raise UserError(f"model {model!r} cannot be loaded: {first_line}") from None
+            network.to(device).eval()
+            loaded = _Loaded(network, tokenizer, source, time.perf_counter() - started)
+            _MODELS[key] = loaded
+        loaded.users += 1
+        return loaded
+
+
+def _release_model(loaded: _Loaded, device: str) -> None:
+    with _MODELS_LOCK:
+        loaded.users -= 1
+        if loaded.users <= 0:
+            _MODELS.pop((loaded.path, device), None)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Grammars: one compiled grammar per engine; each sample gets a fresh matcher from it.
+
+
+class _Matcher(Protocol):
+    def fill(self, bitmask: torch.Tensor, row: int) -> None: ...
+
+    def accept(self, token: int) -> bool: ...
+
+    def error(self) -> str: ...
+
+
+class _CompiledGrammar(Protocol):
+    compile_s: float
+    cache_hit: bool
+    cache_path: str | None
+
+    def matcher(self) -> _Matcher: ...
+
+
+class _GuidanceMatcher:
+    __slots__ = ("_m",)
+
+    def __init__(self, matcher: llguidance.LLMatcher) -> None:
+        self._m = matcher
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        llguidance.torch.fill_next_token_bitmask(self._m, bitmask, row)
+
+    def accept(self, token: int) -> bool:
+        return bool(self._m.consume_token(token))
+
+    def error(self) -> str:
+        return str(self._m.get_error())
+
+
+class _GuidanceGrammar:
+    """llguidance: the compiled grammar is a matcher in its start state; samples get deep copies."""
+
+    cache_path: str | None = None
+
+    def __init__(self, constraint: Constraint, tokenizer: llguidance.LLTokenizer) -> None:
+        from evalpipe.constraints import llguidance_grammar
+
+        started = time.perf_counter()
+        grammar = llguidance_grammar(constraint)
+        template = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        # LLMatcher never raises on a bad grammar: it enters an error state that only get_error() reveals.
+        if template.is_error():
+            raise UserError(f"backend 'guidance' rejects the grammar: {_one_line(template.get_error())}")
+        self._template = template
+        self.compile_s = time.perf_counter() - started
+        self.cache_hit = False
+
+    def matcher(self) -> _Matcher:
+        return _GuidanceMatcher(self._template.deep_copy())
+
+
+class _XGrammarMatcher:
+    __slots__ = ("_m",)
+
+    def __init__(self, matcher: xgrammar.GrammarMatcher) -> None:
+        self._m = matcher
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        self._m.fill_next_token_bitmask(bitmask, row)
+
+    def accept(self, token: int) -> bool:
+        return bool(self._m.accept_token(token))
+
+    def error(self) -> str:
+        return "xgrammar rejected the token"
+
+
+XGRAMMAR_DISK_CACHE_MIN_S = 5.0
+"""Compiled XGrammar grammars go to the disk cache only when compiling took at least this long.
+
+The serialised form holds the adaptive token-mask cache and is large and slow to read: for the Python-body
+grammar and the built-in model's 8k vocabulary, a 0.2 s compile serialises to 171 MB of JSON in 8 s and
+loads in 3 s. Only slow compiles (large vocabularies, large grammars) gain from the disk.
+"""
+
+
+class _XGrammarGrammar:
+    """XGrammar: compiled once, or loaded from the disk cache; each sample gets its own GrammarMatcher."""
+
+    def __init__(self, constraint: Constraint, info: xgrammar.TokenizerInfo, tokenizer_key: str) -> None:
+        from evalpipe.constraints import xgrammar_compiled
+
+        key_source = json.dumps(
+            {
+                "grammar": constraint.kind,
+                "sha256": dict(sorted(constraint.sha256.items())),
+                "tokenizer": tokenizer_key,
+                "xgrammar": _version("xgrammar"),
+                "format": xgrammar.get_serialization_version(),
+            },
+            sort_keys=True,
+        )
+        path = cache_root() / "xgrammar" / f"{hashlib.sha256(key_source.encode()).hexdigest()[:32]}.json"
+        started = time.perf_counter()
+        compiled = _load_compiled(path, info)
+        self.cache_hit = compiled is not None
+        if compiled is None:
+            compiler = xgrammar.GrammarCompiler(info, max_threads=max(1, len(os.sched_getaffinity(0))))
+            try:
+                compiled = xgrammar_compiled(constraint, compiler)
+            except UserError as error:
+                raise _naming("xgrammar", error) from None
+            except (RuntimeError, ValueError) as error:
+                raise UserError(f"backend 'xgrammar' rejects the grammar: {_one_line(str(error))}") from None
+        self._compiled = compiled
+        self.compile_s = time.perf_counter() - started  # the disk write below is not compile time
+        stored = not self.cache_hit and self.compile_s >= XGRAMMAR_DISK_CACHE_MIN_S
+        if stored:
+            _store_compiled(path, compiled)
+        self.cache_path: str | None = str(path) if self.cache_hit or stored else None
+
+    def matcher(self) -> _Matcher:
+        return _XGrammarMatcher(xgrammar.GrammarMatcher(self._compiled))
+
+
+def _load_compiled(path: Path, info: xgrammar.TokenizerInfo) -> xgrammar.CompiledGrammar | None:
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    try:
+        return xgrammar.CompiledGrammar.deserialize_json(text, info)
+    except (RuntimeError, ValueError):
+        # A stale or torn cache entry (its metadata, version or JSON does not match): compile again.
+        return None
+
+
+def _store_compiled(path: Path, compiled: xgrammar.CompiledGrammar) -> None:
+    """Atomic write (temp file + rename): a concurrent reader sees the old entry or the whole new one."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+        with os.fdopen(handle, "w") as out:
+            out.write(compiled.serialize_json())
+        Path(tmp).replace(path)
+    except OSError:
+        pass  # the cache is an optimisation: a read-only cache folder must not fail the run
+
+
+def _one_line(message: str) -> str:
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    return " | ".join(lines[:3]) if lines else "(no message)"
+
+
+def _naming(backend: str, error: UserError) -> UserError:
+    """The error, prefixed with the backend unless it already names it."""
+    message = str(error)
+    return UserError(message if backend in message else f"backend {backend!r}: {message}")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+@dataclass
+class _Slot:
+    """One sequence being decoded (mutable working state; the record it becomes is the frozen Generation)."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+    generator: torch.Generator | None
+    matcher: _Matcher | None
+    out: list[int] = field(default_factory=list)
+    first_s: float | None = None
+    end_s: float | None = None
+    mask_s: float = 0.0
+    mask_steps: int = 0
+    finish: FinishReason | None = None
+    error: str | None = None
+
+
+class HFEngine:
+    """transformers generation with an llguidance / XGrammar / no token mask; see the module docstring."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        suite: Suite,
+        model: str,
+        backend: str,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        device: str | None = None,
+    ) -> None:
+        if backend not in SUPPORTED_BACKENDS:
+            raise UserError(
+                f"engine 'hf' supports backends {', '.join(SUPPORTED_BACKENDS)}; not {backend!r}"
+                + (" (outlines takes no grammars; use it through vLLM)" if backend == "outlines" else "")
+            )
+        if batch_size < 1:
+            raise UserError("batch_size must be at least 1")
+        self._config, self._suite, self._model_name, self._backend = config, suite, model, backend
+        self._batch_size = batch_size
+        self._device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self._device == "cpu":
+            torch.set_num_threads(cpu_threads())
+        self._constraint = self._load_constraint()
+        self._effective = self._choose_backend()
+
+        self._loaded = _acquire_model(model, self._device)
+        self._closed = False
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- setup ---------------------------------------------------------------------------------------------
+
+    def _load_constraint(self) -> Constraint | None:
+        if self._suite.constraint is None:
+            if self._backend in GRAMMAR_BACKENDS:
+                raise UserError(
+                    f"backend {self._backend!r} needs a constraint, and suite {self._suite.name!r} has none"
+                )
+            return None
+        from evalpipe.constraints import load_constraint
+
+        return load_constraint(self._suite)
+
+    def _choose_backend(self) -> str:
+        """The backend actually used: `auto` picks XGrammar where it takes the constraint, else llguidance
+        (vLLM's rule)."""
+        if self._constraint is None or self._backend == "none":
+            return "none"
+        from evalpipe.constraints import validate
+
+        candidate = self._backend
+        if candidate == "auto":
+            try:
+                validate(self._constraint, "xgrammar")
+                return "xgrammar"
+            except UserError:
+                candidate = "guidance"
+        try:
+            validate(self._constraint, candidate)
+        except UserError as error:
+            raise _naming(candidate, error) from None
+        return candidate
+
+    def _setup(self) -> None:
+        tokenizer, network = self._loaded.tokenizer, self._loaded.model
+        self._tokenizer = tokenizer
+        self._model = network
+        output = network.get_output_embeddings()
+        self._logits_width = (
+            int(output.weight.shape[0]) if output is not None else int(network.config.vocab_size)
+        )
+        # Token ids the tokenizer knows but the model cannot produce, or the reverse, are masked by width.
+        self._mask_width = max(self._logits_width, len(tokenizer))
+        self._eos_ids = self._find_eos_ids()
+        self._pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self._eos_ids or [0])[0]
+        )
+        self._stops = tuple(self._suite.prompt.stop)
+        self._stop_window = max((len(s) for s in self._stops), default=0) + 1
+        if self._suite.prompt.format not in ("raw", "chat"):
+            raise UserError(f"suite prompt format {self._suite.prompt.format!r} is not raw or chat")
+        if self._suite.prompt.format == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise UserError(
+                f"suite {self._suite.name!r} asks for chat prompts; model {self._model_name!r} has "
+                "no chat template"
+            )
+
+        self._tokenizer_setup_s = 0.0
+        self._grammar: _CompiledGrammar | None = None
+        if self._effective == "none":
+            return
+        if not self._eos_ids:
+            raise UserError(f"model {self._model_name!r} has no EOS token: a grammar could never end")
+        assert self._constraint is not None
+        started = time.perf_counter()
+        if self._effective == "guidance":
+            if not getattr(tokenizer, "is_fast", False):
+                raise UserError("backend 'guidance' needs a fast (tokenizers) tokenizer; this model has none")
+            lltok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=self._mask_width, eos_token=self._eos_ids)
+            self._tokenizer_setup_s = time.perf_counter() - started
+            self._grammar = _GuidanceGrammar(self._constraint, lltok)
+        else:
+            info = xgrammar.TokenizerInfo.from_huggingface(
+                tokenizer, vocab_size=self._mask_width, stop_token_ids=self._eos_ids
+            )
+            self._tokenizer_setup_s = time.perf_counter() - started
+            self._grammar = _XGrammarGrammar(self._constraint, info, self._tokenizer_key())
+
+    def _find_eos_ids(self) -> list[int]:
+        ids: list[int] = []
+        for value in (
+            self._tokenizer.eos_token_id,
+            getattr(self._model.generation_config, "eos_token_id", None),
+        ):
+            for token in value if isinstance(value, list) else [value]:
+                if isinstance(token, int) and token not in ids and token < self._logits_width:
+                    ids.append(token)
+        return ids
+
+    def _tokenizer_key(self) -> str:
+        """The vocabulary, mask width and stop tokens: what a compiled XGrammar grammar depends on."""
+        vocab = sorted(self._tokenizer.get_vocab().items(), key=lambda item: item[1])
+        payload = json.dumps({"vocab": vocab, "width": self._mask_width, "eos": self._eos_ids})
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    # -- Engine protocol -----------------------------------------------------------------------------------
+
+    def plan(self, tasks: Sequence[Task]) -> list[GenerationRequest]:
+        return plan_requests(self._config, tasks, self._model_name, self._backend)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[Generation]:
+        for generation, _ in self.generate_with_ids(requests):
+            yield generation
+
+    def generate_with_ids(
+        self, requests: Sequence[GenerationRequest]
+    ) -> Iterator[tuple[Generation, list[int]]]:
+        """`generate`, with each sample's output token ids (EOS included): for benchmarks and debugging."""
+        prompts = {}
+        for request in requests:
+            if request.task.id not in prompts:
+                prompts[request.task.id] = self._prompt_ids(request.task)
+        # Similar lengths share a batch (less padding); a task's samples stay together (sorted is stable).
+        order = sorted(requests, key=lambda r: len(prompts[r.task.id]))
+        for start in range(0, len(order), self._batch_size):
+            batch = order[start : start + self._batch_size]
+            yield from self._decode([self._slot(r, prompts[r.task.id]) for r in batch])
+
+    def describe(self) -> dict[str, Any]:
+        grammar = self._grammar
+        return {
+            "engine": "hf",
+            "model": self._model_name,
+            "model_path": self._loaded.path,
+            "backend": self._backend,
+            "effective_backend": self._effective,
+            "device": self._device,
+            "dtype": str(self._model.dtype).removeprefix("torch."),
+            "n_params": sum(p.numel() for p in self._model.parameters()),
+            "vocab_size": self._logits_width,
+            "batch_size": self._batch_size,
+            "torch_threads": torch.get_num_threads() if self._device == "cpu" else None,
+            "model_load_s": round(self._loaded.load_s, 3),
+            "tokenizer_setup_s": round(self._tokenizer_setup_s, 3),
+            "grammar_compile_s": None if grammar is None else round(grammar.compile_s, 4),
+            "grammar_cache_hit": None if grammar is None else grammar.cache_hit,
+            "grammar_cache_path": None if grammar is None else grammar.cache_path,
+            "versions": {
+                name: _version(name) for name in ("torch", "transformers", "llguidance", "xgrammar")
+            },
+        }
+
+    def close(self) -> None:
+        # Idempotent: the pipeline may close an engine that failed half-way, and close it again.
+        if not self._closed:
+            self._closed = True
+            _release_model(self._loaded, self._device)
+        self._grammar = None
+
+    # -- decoding ------------------------------------------------------------------------------------------
+
+    def _prompt_ids(self, task: Task) -> list[int]:
+        if self._suite.prompt.format == "chat":
+            text = self._tokenizer.apply_chat_template(
+                chat_messages(self._suite, task), tokenize=False, add_generation_prompt=True
+            )
+            return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self._tokenizer(task.prompt)["input_ids"])
+
+    def _slot(self, request: GenerationRequest, prompt_ids: list[int]) -> _Slot:
+        generator = None
+        if self._config.temperature > 0:
+            seed = sample_seed(self._config.seed, request.key.task_id, request.key.index)
+            generator = torch.Generator(device=self._device).manual_seed(seed)
+        matcher = self._grammar.matcher() if self._grammar is not None else None
+        return _Slot(request, prompt_ids, generator, matcher)
+
+    def _decode(self, slots: list[_Slot]) -> Iterator[tuple[Generation, list[int]]]:
+        """Decode one batch to the end, yielding each sequence as it finishes."""
+        device = self._device
+        longest = max(len(s.prompt_ids) for s in slots)
+        input_ids = torch.tensor(
+            [[self._pad_id] * (longest - len(s.prompt_ids)) + s.prompt_ids for s in slots], device=device
+        )
+        attention = torch.tensor(
+            [[0] * (longest - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in slots], device=device
+        )
+        # Left padding: positions count real tokens only, so a padded row computes what it would alone.
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        bitmask = self._new_bitmask(len(slots)) if self._grammar is not None else None
+        active = list(slots)
+
+        paused = 0.0  # time spent building records and suspended in `yield`: not decoding time
+
+        def now() -> float:
+            return time.perf_counter() - paused
+
+        started = now()
+        with torch.inference_mode():
+            while True:
+                logits = (
+                    self._model(
+                        input_ids=input_ids,
+                        attention_mask=attention,
+                        position_ids=positions,
+                        past_key_values=cache,
+                        use_cache=True,
+                        logits_to_keep=1,  # the prefill needs only the last position's logits
+                    )
+                    .logits[:, -1, : self._logits_width]
+                    .float()
+                )
+                if bitmask is not None:
+                    self._mask(logits, bitmask, active)
+                tokens = self._choose(logits, active)
+                step_end = now()
+                keep: list[int] = []
+                for row, (slot, token) in enumerate(zip(active, tokens, strict=True)):
+                    self._advance(slot, token, step_end)
+                    if slot.finish is None:
+                        keep.append(row)
+                finished = [slot for slot in active if slot.finish is not None]
+                for slot in finished:
+                    # Building the record (decoding, the constraint check) and the consumer's time while we
+                    # are suspended are not decoding time for the sequences still running.
+                    suspended = time.perf_counter()
+                    yield self._record(slot, started), slot.out
+                    paused += time.perf_counter() - suspended
+                if not keep:
+                    return
+                if len(keep) < len(active):
+                    index = torch.tensor(keep, device=device)
+                    cache.batch_select_indices(index)
+                    attention, positions = attention[index], positions[index]
+                    active = [active[row] for row in keep]
+                next_ids = [active[row].out[-1] for row in range(len(active))]
+                input_ids = torch.tensor(next_ids, device=device).unsqueeze(1)
+                attention = torch.cat([attention, attention.new_ones((len(active), 1))], dim=1)
+                positions = positions[:, -1:] + 1
+
+    def _new_bitmask(self, rows: int) -> torch.Tensor:
+        shape = (rows, (self._mask_width + 31) // 32)
+        # Pinned memory makes the copy to the GPU asynchronous; on CPU there is nothing to copy.
+        return torch.full(shape, -1, dtype=torch.int32, pin_memory=self._device != "cpu")
+
+    def _mask(self, logits: torch.Tensor, bitmask: torch.Tensor, active: list[_Slot]) -> None:
+        """Fill each sequence's bitmask row and apply all rows at once; time it per sequence."""
+        for row, slot in enumerate(active):
+            started = time.perf_counter()
+            assert slot.matcher is not None
+            slot.matcher.fill(bitmask, row)
+            slot.mask_s += time.perf_counter() - started
+        started = time.perf_counter()
+        rows = bitmask if len(active) == len(bitmask) else bitmask[: len(active)]
+        if logits.device.type == "cpu":
+            xgrammar.apply_token_bitmask_inplace(logits, rows, vocab_size=self._logits_width, backend="cpu")
+        else:
+            xgrammar.apply_token_bitmask_inplace(
+                logits, rows.to(logits.device, non_blocking=True), vocab_size=self._logits_width,
+                backend=_gpu_apply_backend(),
+            )  # fmt: skip
+        share = (time.perf_counter() - started) / len(active)
+        for slot in active:
+            slot.mask_s += share
+            slot.mask_steps += 1
+
+    def _choose(self, logits: torch.Tensor, active: list[_Slot]) -> list[int]:
+        """Greedy (temperature 0) or temperature / top-p sampling, each row with its own generator."""
+        best = logits.max(dim=-1)
+        dead = torch.isneginf(best.values).tolist()  # a mask that allows nothing
+        if self._config.temperature == 0:
+            chosen = best.indices.tolist()
+        else:
+            probs = torch.softmax(logits / self._config.temperature, dim=-1)
+            if self._config.top_p < 1.0:
+                probs = _top_p(probs, self._config.top_p)
+            chosen = [
+                int(torch.multinomial(probs[row], 1, generator=slot.generator).item())
+                if not dead[row]
+                else -1
+                for row, slot in enumerate(active)
+            ]
+        return [-1 if dead[row] else int(token) for row, token in enumerate(chosen)]
+
+    def _advance(self, slot: _Slot, token: int, now: float) -> None:
+        """Append the chosen token and decide whether the sequence ends, and why."""
+        if slot.first_s is None:
+            slot.first_s = now
+        if token < 0:
+            slot.finish, slot.error, slot.end_s = "error", "the grammar allows no next token", now
+            return
+        slot.out.append(token)
+        is_eos = token in self._eos_ids
+        if slot.matcher is not None:
+            if not slot.matcher.accept(token):
+                slot.finish, slot.error = "error", f"matcher rejected token {token}: {slot.matcher.error()}"
+            elif is_eos:
+                slot.finish = "grammar_end"  # the mask allows EOS only where the grammar accepts
+        elif is_eos:
+            slot.finish = "stop"
+        elif self._stops:
+            # A stop sequence can only end in the newest token; decoding a short tail keeps the check cheap.
+            tail = self._tokenizer.decode(slot.out[-self._stop_window :], skip_special_tokens=False)
+            if any(stop in tail for stop in self._stops):
+                slot.finish = "stop"
+        if slot.finish is None and len(slot.out) >= self._config.max_tokens:
+            slot.finish = "length"
+        if slot.finish is not None:
+            slot.end_s = now
+
+    def _record(self, slot: _Slot, started: float) -> Generation:
+        ids = slot.out[:-1] if slot.out and slot.out[-1] in self._eos_ids else slot.out
+        raw = self._tokenizer.decode(ids, skip_special_tokens=False)
+        constrained = self._grammar is not None
+        text, extract_error = extract_completion(self._suite, raw, constrained=constrained)
+        satisfied = None
+        if self._constraint is not None:
+            from evalpipe.constraints import satisfies
+
+            # The output as vLLM returns it: the raw text, cut before a stop sequence (only `none` has any).
+            satisfied = satisfies(self._constraint, raw if constrained else cut_at_stop(raw, self._stops))
+        n_out = len(slot.out)
+        ttft = None if slot.first_s is None else slot.first_s - started
+        e2e = None if slot.end_s is None else slot.end_s - started
+        tpot = (e2e - ttft) / (n_out - 1) if ttft is not None and e2e is not None and n_out > 1 else None
+        grammar = self._grammar
+        return Generation(
+            key=slot.request.key,
+            raw_text=raw,
+            text=text,
+            finish_reason=slot.finish or "error",
+            n_prompt_tokens=len(slot.prompt_ids),
+            n_output_tokens=n_out,
+            ttft_s=ttft,
+            tpot_s=tpot,
+            e2e_s=e2e,
+            grammar_compile_s=None if grammar is None else grammar.compile_s,
+            grammar_cache_hit=None if grammar is None else grammar.cache_hit,
+            mask_s_per_token=slot.mask_s / slot.mask_steps if slot.mask_steps else None,
+            constraint_satisfied=satisfied,
+            effective_backend=self._effective,
+            error=slot.error or extract_error,
+        )
+
+
+def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p (at least one), renormalised."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
+    sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+@functools.cache
+def _gpu_apply_backend() -> Literal["triton", "torch_native"]:
+    """Triton when installed, else plain torch ops (never torch.compile: its first call takes minutes)."""
+    return "triton" if importlib.util.find_spec("triton") is not None else "torch_native"
