@@ -25,13 +25,16 @@ from rich.table import Table
 from rich.text import Text
 
 from evalpipe import __version__, pipeline
+from evalpipe.compare import compare_command
 from evalpipe.errors import EvalpipeError, UserError
 from evalpipe.executor import Executor, InlineExecutor
 from evalpipe.pipeline import RunPlan
 from evalpipe.records import ClusterConfig, Execution, Generation, RunConfig, SandboxLimits, Score
 from evalpipe.registry import BACKENDS, names
+from evalpipe.report import report_command
 from evalpipe.rundir import RunDirectory, ensure_runs_dir, list_runs
 from evalpipe.sandbox.base import Sandbox
+from evalpipe.serve import serve_command
 from evalpipe.sources import file_sha256
 from evalpipe.suites import available, load_suite
 
@@ -44,6 +47,11 @@ app = typer.Typer(
 )
 ls_app = typer.Typer(help="List runs, suites, engines, backends or sandboxes.", no_args_is_help=True)
 app.add_typer(ls_app, name="ls")
+sandbox_app = typer.Typer(help="Build and check the Docker sandbox image.", no_args_is_help=True)
+app.add_typer(sandbox_app, name="sandbox")
+app.command("compare")(compare_command)
+app.command("report")(report_command)
+app.command("serve")(serve_command)
 
 # Pipes and files get wide lines: tables of many columns stay readable in logs.
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -328,6 +336,48 @@ def resume_command(
     existing = RunDirectory.open(run_dir)
     cluster = existing.manifest.cluster.model_copy(update={"workers": workers} if workers else {})
     _run(existing.config, cluster, run_dir)
+
+
+# -- sandbox image -----------------------------------------------------------------------------------------
+@sandbox_app.command("build")
+def sandbox_build(
+    image: Annotated[str, typer.Option(help="Image name")] = "evalpipe-sandbox:py311",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="auto (Dockerfile if its base image can be had, else offline), dockerfile, offline"
+        ),
+    ] = "auto",
+) -> None:
+    """Build the sandbox image: from the Dockerfile, or from Debian packages when no registry answers."""
+    from evalpipe.sandbox.image import build_image
+
+    if method not in ("auto", "dockerfile", "offline"):
+        raise UserError(f"--method: unknown method {method!r}; known: auto, dockerfile, offline")
+    new_id = build_image(
+        image, progress=lambda line: err.print(line, markup=False), method=cast("Any", method)
+    )
+    out.print(f"{image} {new_id}")
+
+
+@sandbox_app.command("check")
+def sandbox_check(
+    sandbox: Annotated[str, typer.Option(help="Sandbox to attack: docker, process")] = DEFAULT_SANDBOX,
+    workers: Annotated[int, typer.Option(help="Programs run at once")] = 1,
+) -> None:
+    """Run hostile programs in the sandbox; each must be contained and the next program must still pass."""
+    from evalpipe.sandbox.selfcheck import check_sandbox, format_rows
+
+    box = make_sandbox(sandbox, SandboxLimits(), workers)
+    try:
+        rows = check_sandbox(box)
+    finally:
+        box.close()
+    out.print(format_rows(rows), markup=False, highlight=False)
+    broken = [row.name for row in rows if not row.contained]
+    if broken:
+        raise EvalpipeError(f"{len(broken)} check(s) not contained: {', '.join(broken)}")
+    out.print(f"all {len(rows)} checks contained")
 
 
 # -- inspecting ---------------------------------------------------------------------------------------------
