@@ -202,7 +202,17 @@ def run(
     model: Annotated[
         list[str] | None, typer.Option("--model", "-m", help="Model id or directory; repeatable")
     ] = None,
-    engine: Annotated[str, typer.Option(help="Engine: hf, reference, samples, ...")] = DEFAULT_ENGINE,
+    engine: Annotated[
+        str, typer.Option(help="Engine: hf, vllm, openai, reference, samples (see `evalpipe ls engines`)")
+    ] = DEFAULT_ENGINE,
+    engine_arg: Annotated[
+        list[str] | None,
+        typer.Option("--engine-arg", "-e", help="Engine option KEY=VALUE (e.g. dtype=bfloat16); repeatable"),
+    ] = None,
+    base_url: Annotated[
+        str | None,
+        typer.Option(help="openai engine: the server's URL (or BACKEND=URL,...); default $EVALPIPE_BASE_URL"),
+    ] = None,
     n_samples: Annotated[int, typer.Option("--n-samples", "-n", help="Samples per task")] = 1,
     k: Annotated[list[int] | None, typer.Option("--k", "-k", help="pass@k to report; repeatable")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy)")] = 0.0,
@@ -267,6 +277,8 @@ def run(
             samples_sha256=file_sha256(samples) if samples else None,
             sandbox=sandbox,
             limits=limits,
+            engine_args=_engine_args(engine_arg or []),
+            base_url=base_url,
         )
         chosen = executor or (
             "ray" if ray_address or replicas > 1 or engine not in REPLAY_ENGINES else "inline"
@@ -283,6 +295,16 @@ def run(
     if any(value < 1 for value in config.ks):
         raise UserError("--k: must be at least 1")
     _run(config, cluster, resume)
+
+
+def _engine_args(pairs: list[str]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--engine-arg: expected KEY=VALUE, got {pair!r}")
+        found[key.strip()] = value
+    return found
 
 
 def _default_model(engine: str, samples: Path | None) -> str:

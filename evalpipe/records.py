@@ -163,11 +163,19 @@ class RunConfig(Record):
     samples_sha256: str | None = None
     sandbox: str = "docker"
     limits: SandboxLimits = SandboxLimits()
+    engine_args: dict[str, str] = Field(default_factory=dict)
+    """Engine options (`--engine-arg KEY=VALUE`): vLLM's engine arguments, the openai engine's options."""
+    base_url: str | None = None
+    """The `openai` engine's server (`--base-url`); where it listens does not change results, so it is not
+    part of the identity and a resume may point elsewhere."""
 
     def identity(self, dataset_sha256: str) -> str:
         """Hash of the config and the dataset: a run can only be resumed under the same identity."""
         payload = json.dumps(
-            {"config": self.model_dump(mode="json", exclude={"samples_path"}), "dataset": dataset_sha256},
+            {
+                "config": self.model_dump(mode="json", exclude={"samples_path", "base_url"}),
+                "dataset": dataset_sha256,
+            },
             sort_keys=True,
         )
         return hashlib.sha256(payload.encode()).hexdigest()

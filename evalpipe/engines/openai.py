@@ -115,7 +115,7 @@ def _version(package: str) -> str | None:
 
 def base_url_spec(config: RunConfig) -> str | None:
     """`RunConfig.base_url` where the config has it, else `$EVALPIPE_BASE_URL`."""
-    configured = getattr(config, "base_url", None)
+    configured = config.base_url
     return str(configured) if configured else os.environ.get(ENV_BASE_URL) or None
 
 

@@ -158,9 +158,8 @@ def parse_engine_value(raw: str) -> Any:
 
 
 def engine_args_of(config: RunConfig) -> dict[str, str]:
-    """`RunConfig.engine_args` (`--engine-arg KEY=VALUE`), where this RunConfig has the field."""
-    found = getattr(config, "engine_args", None) or {}
-    return {str(key).replace("-", "_"): str(value) for key, value in dict(found).items()}
+    """`RunConfig.engine_args` (`--engine-arg KEY=VALUE`), keys with `_` for `-`."""
+    return {key.replace("-", "_"): value for key, value in config.engine_args.items()}
 
 
 def engine_kwargs(

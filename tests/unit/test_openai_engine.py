@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 import pytest
 from hf_support import TINY_GBNF, TINY_LARK, TINY_REGEX, tiny_suite
-from pydantic import Field
 
 from evalpipe import registry
 from evalpipe.engines.openai import OpenAIEngine, request_body, resolve_base_url, safe_url
@@ -32,13 +31,6 @@ from evalpipe.suites import ConstraintSpec, PromptSpec, Suite, load_suite
 KEY = "sk-test-0123456789abcdef"
 MODEL = "scripted"
 RAW = Suite(name="t", prompt=PromptSpec(format="raw", stop=("\ndef ",)), path="/nonexistent/t.toml")
-
-
-class Config(RunConfig):
-    """RunConfig with the fields this engine reads (`base_url`, `engine_args`), until records.py has them."""
-
-    base_url: str | None = None
-    engine_args: dict[str, str] = Field(default_factory=dict)
 
 
 class ScriptedBackend:
@@ -155,7 +147,7 @@ def server(backend: ScriptedBackend) -> Iterator[RunningServer]:
 
 def make_engine(url: str, suite: Suite = RAW, backend: str = "none", **options: Any) -> OpenAIEngine:
     options.setdefault("warmup", 0)
-    config = Config(
+    config = RunConfig(
         suite="t", engine="openai", models=(MODEL,), backends=(backend,), max_tokens=32, base_url=url,
         engine_args={name: str(value) for name, value in options.items()},
     )  # fmt: skip
@@ -195,7 +187,7 @@ def test_streaming_measures_ttft_and_tokens(server: RunningServer, backend: Scri
 
 
 def test_samples_get_distinct_seeds(server: RunningServer, backend: ScriptedBackend) -> None:
-    config = Config(
+    config = RunConfig(
         suite="t", engine="openai", models=(MODEL,), backends=("none",), n_samples=3, temperature=0.8,
         base_url=server.url, engine_args={"warmup": "0"},
     )  # fmt: skip
@@ -299,7 +291,7 @@ def test_no_server_and_unknown_models_are_user_errors(server: RunningServer) -> 
         port = free.getsockname()[1]
     with pytest.raises(UserError, match=r"cannot reach the server at http://127\.0\.0\.1:\d+"):
         make_engine(f"http://127.0.0.1:{port}")
-    config = Config(suite="t", engine="openai", models=("other",), backends=("none",), base_url=server.url)
+    config = RunConfig(suite="t", engine="openai", models=("other",), backends=("none",), base_url=server.url)
     with pytest.raises(UserError, match=r"does not serve model 'other'; it serves: scripted"):
         OpenAIEngine(config, RAW, "other", "none")
     with pytest.raises(UserError, match="engine 'openai' takes"):
@@ -573,7 +565,7 @@ def test_end_to_end_with_a_grammar_on_a_real_model(
         app = create_app(model_backend, served_model_name="tiny", api_key=KEY)
         with RunningServer(app) as running:
             suite = tiny_suite(tmp_path / "suite", lark=TINY_LARK, gbnf=TINY_GBNF)
-            config = Config(
+            config = RunConfig(
                 suite="t", engine="openai", models=("tiny",), backends=(served_backend,), max_tokens=48,
                 base_url=running.url, engine_args={"warmup": "1"},
             )  # fmt: skip

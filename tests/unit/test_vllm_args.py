@@ -12,7 +12,6 @@ from typing import Any, ClassVar
 
 import pytest
 from hf_support import TINY_GBNF, TINY_LARK, TINY_REGEX, tiny_suite
-from pydantic import Field
 
 from evalpipe.engines.openai import request_body
 from evalpipe.engines.vllm import (
@@ -31,15 +30,9 @@ from evalpipe.suites import PromptSpec, Suite
 SCHEMA = {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}
 
 
-class Config(RunConfig):
-    """RunConfig with `engine_args`, until records.py has it."""
-
-    engine_args: dict[str, str] = Field(default_factory=dict)
-
-
-def config(**changes: Any) -> Config:
+def config(**changes: Any) -> RunConfig:
     base: dict[str, Any] = {"suite": "t", "engine": "vllm", "models": ("m",), "backends": ("guidance",)}
-    return Config(**{**base, **changes})
+    return RunConfig(**{**base, **changes})
 
 
 def constraint(kind: str = "grammar", **fields: Any) -> SimpleNamespace:
