@@ -115,9 +115,7 @@ def time_direct_execution(plan: pipeline.RunPlan, jobs: list[Job], workers: int)
 
 
 def time_run(plan: pipeline.RunPlan, executor: RayExecutor, runs: Path) -> float:
-    manifest = pipeline.new_manifest(
-        plan, executor.sandbox_info(), pipeline.run_id_for(plan) + os.urandom(2).hex()
-    )
+    manifest = pipeline.new_manifest(plan, executor, pipeline.run_id_for(plan) + os.urandom(2).hex())
     run = RunDirectory.create(runs, plan.config, manifest, plan.tasks)
     started = time.perf_counter()
     scores = pipeline.execute(plan, run, executor)

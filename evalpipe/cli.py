@@ -328,7 +328,7 @@ def _run(config: RunConfig, cluster: ClusterConfig, resume: Path | None) -> None
                 run_dir = RunDirectory.create(
                     Path(cluster.runs_dir),
                     config,
-                    pipeline.new_manifest(plan, executor.sandbox_info(), pipeline.run_id_for(plan)),
+                    pipeline.new_manifest(plan, executor, pipeline.run_id_for(plan)),
                     plan.tasks,
                 )
             else:

@@ -3,9 +3,12 @@
 All Ray code of evalpipe lives here (metrics in `evalpipe.telemetry`). What runs where:
 
 - `GenerationReplica` actors, `--replicas` per (model, backend), named `gen/<backend>/<model>/<i>`: each
-  builds its engine from the registry inside the actor, exactly as `pipeline.prepare` does in the driver.
-  GPU engines (`vllm`, or an engine whose `describe()["device"]` is CUDA) reserve `num_gpus`; CPU engines
-  reserve a small fraction of a CPU, so that a 2-core machine hosts replicas and sandbox workers together.
+  builds its engine from the registry inside the actor. Engines that plan from the config alone (hf, vllm,
+  openai) are built only there, never also in the driver; the run directory is created only once every
+  replica has built its engine, so a missing model is one line and no directory.
+  GPU engines (`vllm`; `hf` where the cluster has GPUs, unless `--engine-arg device=cpu`) reserve
+  `num_gpus` (`--engine-arg num_gpus=N`, else vLLM's tensor_parallel_size, else 1); CPU engines reserve a
+  small fraction of a CPU, so that a 2-core machine hosts replicas and sandbox workers together.
 - `SandboxWorker` actors, named `sandbox/<i>`, each owning a one-runner sandbox of the run's kind, spread over
   the nodes (SPREAD); as many as `--workers`, else the cluster's CPUs. Where the cluster defines the custom
   resource `evalpipe_sandbox` (see deploy/), they go only to nodes that have it.
@@ -67,6 +70,8 @@ REPLICA_CPUS = 0.25
 """Logical CPUs a replica reserves (at most): the work of a GPU engine is on the GPU, and CPU engines on a
 small machine must leave room for the sandbox workers, which do the CPU-heavy part."""
 GPU_ENGINES = frozenset({"vllm"})
+CUDA_WHERE_AVAILABLE = frozenset({"hf"})
+"""Engines that take a GPU when their process sees one."""
 """Engines that always need a GPU; others need one when `describe()["device"]` starts with `cuda`."""
 SANDBOX_RESOURCE = "evalpipe_sandbox"
 """Custom Ray resource: when the cluster has it, sandbox workers run only on nodes that offer it."""
@@ -245,10 +250,24 @@ def _floor(value: float) -> float:
     return math.floor(value * 100) / 100
 
 
-def _gpus_needed(engine_name: str, engine: Engine) -> float:
-    description = engine.describe()
-    on_gpu = engine_name in GPU_ENGINES or str(description.get("device", "")).startswith("cuda")
-    return float(description.get("num_gpus", 1)) if on_gpu else 0.0
+def _gpus_needed(plan: RunPlan, pair: Pair, cluster_gpus: float) -> float:
+    """GPUs one replica of `pair` reserves: from the driver's engine where one was built, else by the rule in
+    the module docstring."""
+    engine = plan.engines.get(pair)
+    if engine is not None:
+        description = engine.describe()
+        on_gpu = plan.config.engine in GPU_ENGINES or str(description.get("device", "")).startswith("cuda")
+        return float(description.get("num_gpus", 1)) if on_gpu else 0.0
+    args = plan.config.engine_args
+    if plan.config.engine in GPU_ENGINES:
+        return float(args.get("num_gpus") or args.get("tensor_parallel_size") or 1)
+    if (
+        plan.config.engine in CUDA_WHERE_AVAILABLE
+        and cluster_gpus > 0
+        and args.get("device", "cuda") != "cpu"
+    ):
+        return float(args.get("num_gpus") or 1)
+    return 0.0
 
 
 def _cause(error: RayTaskError) -> BaseException:
@@ -312,7 +331,7 @@ class RayExecutor:
         resources = _resources()
         cpus = float(resources.get("CPU", 1.0))
         self.workers = plan.cluster.workers or max(1, int(cpus))
-        pairs = list(plan.engines)
+        pairs = list(plan.pairs)
         n_replicas = len(pairs) * plan.cluster.replicas
         replica_cpus = _floor(min(REPLICA_CPUS, cpus / 2 / max(1, n_replicas))) or 0.01
         sandbox_cpus = _floor(min(1.0, max(cpus - n_replicas * replica_cpus, 0.0) / self.workers)) or 0.01
@@ -329,7 +348,7 @@ class RayExecutor:
         shared = ray.put(RunSpec(config=plan.config, suite=plan.suite, tasks=plan.tasks))
         names = replica_names(pairs)
         for pair in pairs:
-            gpus = _gpus_needed(plan.config.engine, plan.engines[pair])
+            gpus = _gpus_needed(plan, pair, float(resources.get("GPU", 0.0)))
             if gpus and float(resources.get("GPU", 0.0)) < gpus:
                 if self._owns_ray and plan.cluster.ray_address is None and not os.environ.get("RAY_ADDRESS"):
                     raise UserError(
@@ -405,6 +424,24 @@ class RayExecutor:
         except RayActorError as error:
             raise RunFailed(f"{slot.name} could not start: {_first_line(error)}") from None
         return {**info, "workers": self.workers, "executor": "ray: one single-runner sandbox per actor"}
+
+    def engine_info(self) -> dict[str, dict[str, Any]]:
+        """Waits until every replica has built its engine; the first replica's `describe()` per pair."""
+        refs = {slot.handle.ready.remote(): slot for slot in self._replicas}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=30.0)
+        if len(ready) < len(refs):
+            print("waiting for the generation replicas to load their models", file=sys.stderr)
+        info: dict[str, dict[str, Any]] = {}
+        for ref, slot in refs.items():
+            try:
+                described = cast("dict[str, Any]", ray.get(ref))
+            except RayTaskError as error:
+                raise self._fail(slot, error) from None
+            except RayActorError as error:
+                raise RunFailed(f"{slot.name} could not start: {_first_line(error)}") from None
+            assert slot.pair is not None
+            info.setdefault(f"{slot.pair[0]}/{slot.pair[1]}", described)
+        return info
 
     def run(
         self, requests: Sequence[GenerationRequest], pending: Sequence[Job], on_generation: OnGeneration

@@ -32,6 +32,11 @@ class Executor(Protocol):
         """The sandbox's kind, limits and image: written into the manifest."""
         ...
 
+    def engine_info(self) -> dict[str, dict[str, Any]]:
+        """`model/backend` → the engine's `describe()`, once every engine is built: written into the manifest.
+        An engine that cannot be built raises here, before the run directory exists."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -58,6 +63,9 @@ class InlineExecutor:
 
     def sandbox_info(self) -> dict[str, Any]:
         return self._sandbox.describe()
+
+    def engine_info(self) -> dict[str, dict[str, Any]]:
+        return {f"{model}/{backend}": engine.describe() for (model, backend), engine in self._engines.items()}
 
     def close(self) -> None:
         self._sandbox.close()

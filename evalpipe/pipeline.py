@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 from evalpipe import __version__
-from evalpipe.engines.base import Engine, EngineFactory, GenerationRequest
+from evalpipe.engines.base import Engine, EngineFactory, GenerationRequest, plan_requests, plans_from_config
 from evalpipe.errors import EvalpipeError, RunFailed, UserError
 from evalpipe.executor import Executor
 from evalpipe.program import assemble, sha256, syntax_valid
@@ -77,7 +77,11 @@ class RunPlan:
     suite: Suite
     tasks: list[Task]
     dataset_sha256: str
+    pairs: list[tuple[str, str]]
+    """Every (model, backend) of the run, in the order of the options."""
     engines: dict[tuple[str, str], Engine]
+    """The engines built in this process: all pairs, except under Ray for engines that plan from the config
+    alone (those are built only inside the replicas)."""
     requests: list[GenerationRequest]
     grammar_sha256: dict[str, str] = field(default_factory=dict)
 
@@ -86,7 +90,8 @@ class RunPlan:
         return self.config.identity(self.dataset_sha256)
 
     def close(self) -> None:
-        for engine in self.engines.values():
+        engines, self.engines = self.engines, {}
+        for engine in engines.values():
             engine.close()
 
 
@@ -111,16 +116,22 @@ def prepare(config: RunConfig, cluster: ClusterConfig) -> RunPlan:
     tasks, dataset_sha = load_tasks(suite)
 
     factory = cast("EngineFactory", load("engine", config.engine))
+    remote_only = cluster.executor == "ray" and plans_from_config(factory)
+    if remote_only:
+        _validate_constraint(suite, config.backends)
+    pairs = [(model, backend) for model in config.models for backend in config.backends]
     engines: dict[tuple[str, str], Engine] = {}
     requests: list[GenerationRequest] = []
     kept = {task.id for task in tasks[: config.limit]} if config.limit else None
     try:
-        for model in config.models:
-            for backend in config.backends:
+        for model, backend in pairs:
+            if remote_only:
+                planned = plan_requests(config, tasks, model, backend)
+            else:
                 engine = factory(config, suite, model, backend)
                 engines[(model, backend)] = engine
                 planned = engine.plan(tasks)
-                requests += [r for r in planned if kept is None or r.key.task_id in kept]
+            requests += [r for r in planned if kept is None or r.key.task_id in kept]
     except BaseException:
         for engine in engines.values():
             engine.close()
@@ -136,7 +147,19 @@ def prepare(config: RunConfig, cluster: ClusterConfig) -> RunPlan:
 
         constraint = load_constraint(suite)
         grammar_sha = dict(constraint.sha256) if constraint is not None else {}
-    return RunPlan(config, cluster, suite, tasks, dataset_sha, engines, requests, grammar_sha)
+    return RunPlan(config, cluster, suite, tasks, dataset_sha, pairs, engines, requests, grammar_sha)
+
+
+def _validate_constraint(suite: Suite, backends: Sequence[str]) -> None:
+    """Check the suite's constraint against each grammar backend here, before any replica loads a model."""
+    if suite.constraint is None:
+        return
+    from evalpipe.constraints import load_constraint, validate
+
+    constraint = load_constraint(suite)
+    for backend in backends:
+        if constraint is not None and backend in ("guidance", "xgrammar"):
+            validate(constraint, backend)
 
 
 def _check_ks(config: RunConfig, requests: Sequence[GenerationRequest]) -> None:
@@ -184,7 +207,10 @@ def hardware() -> dict[str, Any]:
     return info
 
 
-def new_manifest(plan: RunPlan, sandbox_info: dict[str, Any], run_id: str) -> Manifest:
+def new_manifest(plan: RunPlan, executor: Executor, run_id: str) -> Manifest:
+    """The manifest of a new run: versions, hardware, and what the executor's sandbox and engines are."""
+    sandbox_info = executor.sandbox_info()
+    engine_info = executor.engine_info()
     now = utc_now()
     return Manifest(
         run_id=run_id,
@@ -200,7 +226,7 @@ def new_manifest(plan: RunPlan, sandbox_info: dict[str, Any], run_id: str) -> Ma
         package_versions=package_versions(),
         hardware=hardware(),
         sandbox=sandbox_info,
-        engine={f"{m}/{b}": e.describe() for (m, b), e in plan.engines.items()},
+        engine=engine_info,
         progress=Progress(expected=len(plan.requests), generated=0, executed=0),
         cluster=plan.cluster,
         command=sys.argv,

@@ -46,6 +46,13 @@ class EngineFactory(Protocol):
     def __call__(self, config: RunConfig, suite: Suite, model: str, backend: str) -> Engine: ...
 
 
+def plans_from_config(factory: object) -> bool:
+    """Whether an engine's requests follow from the config alone (`plan_requests`): such an engine declares
+    `PLANS_FROM_CONFIG = True`. Under Ray the driver then plans without building it, and only replicas
+    build it: a model is loaded once, and a GPU engine never holds the driver's GPU besides its replica's."""
+    return bool(getattr(factory, "PLANS_FROM_CONFIG", False))
+
+
 def plan_requests(
     config: RunConfig, tasks: Sequence[Task], model: str, backend: str
 ) -> list[GenerationRequest]:

@@ -44,7 +44,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import llguidance
 import llguidance.hf
@@ -354,6 +354,9 @@ class _Slot:
 
 class HFEngine:
     """transformers generation with an llguidance / XGrammar / no token mask; see the module docstring."""
+
+    PLANS_FROM_CONFIG: ClassVar[bool] = True
+    """Requests are `plan_requests(...)`: see `evalpipe.engines.base.plans_from_config`."""
 
     def __init__(
         self,

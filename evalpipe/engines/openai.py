@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -273,6 +273,9 @@ FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
 
 class OpenAIEngine:
     """Generation through an OpenAI-compatible server; see the module docstring."""
+
+    PLANS_FROM_CONFIG: ClassVar[bool] = True
+    """Requests are `plan_requests(...)`: see `evalpipe.engines.base.plans_from_config`."""
 
     def __init__(self, config: RunConfig, suite: Suite, model: str, backend: str) -> None:
         if suite.prompt.format not in ("raw", "chat"):

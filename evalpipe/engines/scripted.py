@@ -35,7 +35,7 @@ import os
 import re
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from evalpipe.engines.base import GenerationRequest, plan_requests
 from evalpipe.errors import UserError
@@ -86,6 +86,9 @@ def count_tokens(text: str) -> int:
 
 class ScriptedEngine:
     """Replays canonical solutions with scripted timing and failures (see the module docstring)."""
+
+    PLANS_FROM_CONFIG: ClassVar[bool] = True
+    """Requests are `plan_requests(...)`: see `evalpipe.engines.base.plans_from_config`."""
 
     def __init__(self, config: RunConfig, suite: Suite, model: str, backend: str) -> None:
         self._config = config

@@ -41,7 +41,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Protocol, cast
+from typing import Any, ClassVar, Protocol, cast
 
 from evalpipe.engines.base import GenerationRequest, plan_requests
 from evalpipe.errors import RunFailed, UserError
@@ -256,6 +256,9 @@ def _first_line(error: BaseException) -> str:
 
 class VLLMEngine:
     """`vllm.LLM` in this process for one (model, backend); see the module docstring."""
+
+    PLANS_FROM_CONFIG: ClassVar[bool] = True
+    """Requests are `plan_requests(...)`: see `evalpipe.engines.base.plans_from_config`."""
 
     def __init__(self, config: RunConfig, suite: Suite, model: str, backend: str) -> None:
         if backend not in ("none", *VLLM_BACKENDS):

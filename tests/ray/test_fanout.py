@@ -206,3 +206,19 @@ def test_ctrl_c_stops_the_run_kills_the_actors_and_resume_finishes_it(
     code, _, err = cli("resume", run.path)
     assert code == 0, err
     assert_each_sample_once(only_run(tmp_path), expected=12)
+
+
+def test_an_engine_that_cannot_be_built_is_one_line_and_no_run_directory(cli: Cli, tmp_path: Path) -> None:
+    """Under Ray the hf engine is built only in its replica; its error still comes before any file exists."""
+    runs = tmp_path / "runs"
+    missing = tmp_path / "no-such-model"
+    code, _, err = cli(
+        "run", "humaneval", "--engine", "hf", "-m", str(missing), "-b", "none", "--executor", "ray",
+        "--sandbox", "process", "--limit", "1", "--runs-dir", runs,
+    )  # fmt: skip
+    assert code == 2, err
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "no-such-model" in error_lines[0], err
+    assert "Traceback" not in err
+    assert not any(runs.iterdir()) if runs.exists() else True
+    assert all(actor.state == "DEAD" for actor in _actors("gen/none/"))  # type: ignore[attr-defined]
