@@ -318,6 +318,11 @@ def _run(config: RunConfig, cluster: ClusterConfig, resume: Path | None) -> None
     existing = RunDirectory.open(resume) if resume is not None else None
     if existing is None:
         ensure_runs_dir(Path(cluster.runs_dir))
+    if config.engine == "hf" and "builtin" in config.models:
+        from evalpipe.engines.builtin import builtin_model_dir
+
+        # Built here, in view, with its progress bar; replicas would build it silently in their own logs.
+        builtin_model_dir()
     plan = pipeline.prepare(config, cluster)
     try:
         if existing is not None:
