@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evalpipe.compare import CompareResult, compare_runs, paused_gc, render
+from evalpipe.compare import CompareResult, compare_runs, render
 from evalpipe.pipeline import rescore
 from evalpipe.records import (
     ClusterConfig,
@@ -33,7 +33,7 @@ from evalpipe.records import (
     SampleKey,
     Task,
 )
-from evalpipe.rundir import RunDirectory
+from evalpipe.rundir import RunDirectory, paused_gc
 from evalpipe.sources import load_humaneval
 
 TARGET_S = 2.0

@@ -13,13 +13,11 @@ differs; samples that are not the same task are never paired (UserError).
 from __future__ import annotations
 
 import csv
-import gc
 import io
 import math
 import sys
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -35,7 +33,7 @@ from rich.text import Text
 
 from evalpipe.errors import UserError
 from evalpipe.records import Execution, Generation, Manifest, Record, RunConfig, SandboxLimits, Task
-from evalpipe.rundir import RunDirectory
+from evalpipe.rundir import RunDirectory, paused_gc
 from evalpipe.score import pass_at_k, usable_ks
 
 COMPARE_SCHEMA_VERSION = 1
@@ -215,23 +213,6 @@ class Aligned:
     arms: list[Arm]
     tasks: list[str]
     warnings: list[CompareWarning]
-
-
-@contextmanager
-def paused_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector while records are read.
-
-    Reading 10^5 records creates 10^5 objects that hold no reference cycles; meanwhile the collector runs
-    again and again over the growing heap, which doubles the time it takes to read a large run. Reference
-    counting still frees everything as usual. Nested pauses leave the collector to the outermost one.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def load_run(path: Path) -> LoadedRun:

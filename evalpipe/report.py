@@ -31,11 +31,10 @@ from evalpipe.compare import (
     check_options,
     format_delta,
     format_value,
-    paused_gc,
     summarize_aligned,
 )
 from evalpipe.errors import UserError
-from evalpipe.rundir import atomic_write, utc_now
+from evalpipe.rundir import atomic_write, paused_gc, utc_now
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

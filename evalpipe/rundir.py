@@ -10,10 +10,12 @@ Layout and guarantees are documented in docs/run-directory.md:
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -47,10 +49,32 @@ def _dump(record: BaseModel) -> str:
     return record.model_dump_json()
 
 
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector while records are read.
+
+    Reading 10^5 records creates 10^5 objects that hold no reference cycles; meanwhile the collector runs
+    again and again over the growing heap, which doubles the time it takes to read a large run. Reference
+    counting still frees everything as usual. Nested pauses leave the collector to the outermost one.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def read_records(path: Path, model: type[RecordT], *, repair: bool = False) -> list[RecordT]:
     """Read a JSONL file of records. A torn last line is ignored (and cut off when `repair`)."""
     if not path.exists():
         return []
+    with paused_gc():
+        return _read_records(path, model, repair)
+
+
+def _read_records(path: Path, model: type[RecordT], repair: bool) -> list[RecordT]:
     data = path.read_bytes()
     records: list[RecordT] = []
     good_end = 0
