@@ -375,12 +375,21 @@ def sandbox_build(
             help="auto (Dockerfile if its base image can be had, else offline), dockerfile, offline"
         ),
     ] = "auto",
+    if_stale: Annotated[
+        bool, typer.Option("--if-stale", help="Build only if the image is missing or its runner is outdated")
+    ] = False,
 ) -> None:
     """Build the sandbox image: from the Dockerfile, or from Debian packages when no registry answers."""
-    from evalpipe.sandbox.image import build_image
+    from evalpipe.sandbox.image import build_image, ensure_image
 
     if method not in ("auto", "dockerfile", "offline"):
         raise UserError(f"--method: unknown method {method!r}; known: auto, dockerfile, offline")
+    if if_stale:
+        try:
+            out.print(f"{image} {ensure_image(image)} (current: built from this sandboxes/runner.py)")
+            return
+        except UserError:
+            pass  # missing or built from another runner: build it
     new_id = build_image(
         image, progress=lambda line: err.print(line, markup=False), method=cast("Any", method)
     )
