@@ -76,6 +76,14 @@ def read_records(path: Path, model: type[RecordT], *, repair: bool = False) -> l
 
 def _read_records(path: Path, model: type[RecordT], repair: bool) -> list[RecordT]:
     data = path.read_bytes()
+    if data.endswith(b"\n") or not data:
+        # A complete file, the common case: validate line after line with no bookkeeping (compare reads
+        # 10^5 records). A bad line falls through to the careful loop below, which names it.
+        validate = model.__pydantic_validator__.validate_json
+        try:
+            return [validate(line) for line in data.split(b"\n") if line.strip()]
+        except ValidationError:
+            pass
     records: list[RecordT] = []
     good_end = 0
     lines = data.split(b"\n")
