@@ -116,9 +116,19 @@ def prepare(config: RunConfig, cluster: ClusterConfig) -> RunPlan:
     tasks, dataset_sha = load_tasks(suite)
 
     factory = cast("EngineFactory", load("engine", config.engine))
+    constraint = None
+    if suite.constraint is not None and any(b != "none" for b in config.backends):
+        from evalpipe.constraints import load_constraint
+
+        constraint = load_constraint(suite)
     remote_only = cluster.executor == "ray" and plans_from_config(factory)
-    if remote_only:
-        _validate_constraint(suite, config.backends)
+    if remote_only and constraint is not None:
+        # Engines built here validate it themselves; replicas would only do so after loading a model.
+        from evalpipe.constraints import validate
+
+        for backend in config.backends:
+            if backend in ("guidance", "xgrammar"):
+                validate(constraint, backend)
     pairs = [(model, backend) for model in config.models for backend in config.backends]
     engines: dict[tuple[str, str], Engine] = {}
     requests: list[GenerationRequest] = []
@@ -141,25 +151,8 @@ def prepare(config: RunConfig, cluster: ClusterConfig) -> RunPlan:
     if not requests:
         raise UserError("nothing to run: no samples for the selected tasks")
     _check_ks(config, requests)
-    grammar_sha = {}
-    if suite.constraint is not None and any(b != "none" for b in config.backends):
-        from evalpipe.constraints import load_constraint
-
-        constraint = load_constraint(suite)
-        grammar_sha = dict(constraint.sha256) if constraint is not None else {}
+    grammar_sha = dict(constraint.sha256) if constraint is not None else {}
     return RunPlan(config, cluster, suite, tasks, dataset_sha, pairs, engines, requests, grammar_sha)
-
-
-def _validate_constraint(suite: Suite, backends: Sequence[str]) -> None:
-    """Check the suite's constraint against each grammar backend here, before any replica loads a model."""
-    if suite.constraint is None:
-        return
-    from evalpipe.constraints import load_constraint, validate
-
-    constraint = load_constraint(suite)
-    for backend in backends:
-        if constraint is not None and backend in ("guidance", "xgrammar"):
-            validate(constraint, backend)
 
 
 def _check_ks(config: RunConfig, requests: Sequence[GenerationRequest]) -> None:
