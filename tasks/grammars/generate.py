@@ -174,14 +174,21 @@ def cls_minus(c: Cls, chars: str) -> Cls:
     return Cls(_normalise(out))
 
 
-def _regex_char(c: int, in_class: bool) -> str:
-    ch = chr(c)
-    if ch == "\n":
+def _control_escape(c: int) -> str | None:
+    """The escape both dialects share for newline, tab and other control characters; None for the rest."""
+    if c == 0x0A:
         return "\\n"
-    if ch == "\t":
+    if c == 0x09:
         return "\\t"
     if c < 0x20 or c == 0x7F:
         return f"\\x{c:02x}"
+    return None
+
+
+def _regex_char(c: int, in_class: bool) -> str:
+    ch = chr(c)
+    if (escaped := _control_escape(c)) is not None:
+        return escaped
     # Rust-regex metacharacters (plus `/`, which ends a Lark regex), but not `#&~`: XGrammar's Lark front end
     # warns about escaping those, and a normalised class never holds the `&&` / `~~` set operators
     special = "\\]-[^/" if in_class else "\\.+*?()|[]{}^$-/"
@@ -190,12 +197,8 @@ def _regex_char(c: int, in_class: bool) -> str:
 
 def _ebnf_char(c: int, in_class: bool) -> str:
     ch = chr(c)
-    if ch == "\n":
-        return "\\n"
-    if ch == "\t":
-        return "\\t"
-    if c < 0x20 or c == 0x7F:
-        return f"\\x{c:02x}"
+    if (escaped := _control_escape(c)) is not None:
+        return escaped
     if in_class and ch in "-^":
         return f"\\x{c:02x}"  # llguidance's GBNF reader knows no `\-` or `\^`; both engines read `\xHH`
     special = "\\][" if in_class else '\\"'
