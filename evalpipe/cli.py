@@ -34,7 +34,6 @@ from evalpipe.registry import BACKENDS, names
 from evalpipe.report import report_command
 from evalpipe.rundir import RunDirectory, ensure_runs_dir, list_runs
 from evalpipe.sandbox.base import Sandbox
-from evalpipe.serve import serve_command
 from evalpipe.sources import file_sha256
 from evalpipe.suites import available, load_suite
 
@@ -51,7 +50,6 @@ sandbox_app = typer.Typer(help="Build and check the Docker sandbox image.", no_a
 app.add_typer(sandbox_app, name="sandbox")
 app.command("compare")(compare_command)
 app.command("report")(report_command)
-app.command("serve")(serve_command)
 
 # Pipes and files get wide lines: tables of many columns stay readable in logs.
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -91,14 +89,16 @@ def make_sandbox(name: str, limits: SandboxLimits, workers: int) -> Sandbox:
     return cast("Sandbox", factory(limits, workers))
 
 
-def make_executor(plan: RunPlan) -> Executor:
-    """Ray actors when the cluster config asks for them, else engines here and one sandbox."""
+def make_executor(plan: RunPlan, sandbox: Sandbox | None = None) -> Executor:
+    """Ray actors when the cluster config asks for them, else engines here and one sandbox (`sandbox`, when
+    the caller made it already)."""
     config, cluster = plan.config, plan.cluster
     if cluster.executor == "ray":
         from evalpipe.cluster import RayExecutor
 
         return cast("Executor", RayExecutor(plan))
-    sandbox = make_sandbox(config.sandbox, config.limits, _workers(cluster.workers))
+    if sandbox is None:
+        sandbox = make_sandbox(config.sandbox, config.limits, _workers(cluster.workers))
     return InlineExecutor(plan.engines, sandbox)
 
 
@@ -323,35 +323,48 @@ def _run(config: RunConfig, cluster: ClusterConfig, resume: Path | None) -> None
 
         # Built here, in view, with its progress bar; replicas would build it silently in their own logs.
         builtin_model_dir()
-    plan = pipeline.prepare(config, cluster)
+    sandbox = None
+    if cluster.executor == "inline":
+        # Made before the tasks load: its containers start in the background meanwhile.
+        pipeline.check_config(config)
+        sandbox = make_sandbox(config.sandbox, config.limits, _workers(cluster.workers))
+    executor: Executor | None = None
     try:
-        if existing is not None:
-            pipeline.check_resumable(existing, plan)
-        executor = make_executor(plan)
+        plan = pipeline.prepare(config, cluster)
         try:
-            if existing is None:
-                run_dir = RunDirectory.create(
-                    Path(cluster.runs_dir),
-                    config,
-                    pipeline.new_manifest(plan, executor, pipeline.run_id_for(plan)),
-                    plan.tasks,
-                )
-            else:
-                run_dir = existing
-            err.print(f"run directory: {run_dir.path}")
-            with _progress() as progress:
-                try:
-                    scores = pipeline.execute(plan, run_dir, executor, RichReporter(progress))
-                except KeyboardInterrupt:
-                    progress.stop()
-                    err.print(f"interrupted; continue with: evalpipe resume {run_dir.path}")
-                    raise typer.Exit(130) from None
-            run_dir.close()
-            _print_scores(run_dir, scores)
+            if existing is not None:
+                pipeline.check_resumable(existing, plan)
+            executor = make_executor(plan, sandbox)
+            _run_plan(plan, executor, existing)
         finally:
-            executor.close()
+            if executor is not None:
+                executor.close()
+            plan.close()
     finally:
-        plan.close()
+        if executor is None and sandbox is not None:
+            sandbox.close()
+
+
+def _run_plan(plan: RunPlan, executor: Executor, existing: RunDirectory | None) -> None:
+    if existing is None:
+        run_dir = RunDirectory.create(
+            Path(plan.cluster.runs_dir),
+            plan.config,
+            pipeline.new_manifest(plan, executor, pipeline.run_id_for(plan)),
+            plan.tasks,
+        )
+    else:
+        run_dir = existing
+    err.print(f"run directory: {run_dir.path}")
+    with _progress() as progress:
+        try:
+            scores = pipeline.execute(plan, run_dir, executor, RichReporter(progress))
+        except KeyboardInterrupt:
+            progress.stop()
+            err.print(f"interrupted; continue with: evalpipe resume {run_dir.path}")
+            raise typer.Exit(130) from None
+    run_dir.close()
+    _print_scores(run_dir, scores)
 
 
 @app.command(name="resume")
@@ -523,6 +536,42 @@ def _root(
     ] = False,
 ) -> None:
     """evalpipe: pass@k, syntax validity and latency, with and without grammar-constrained decoding."""
+
+
+@app.command("serve")
+def serve_command(
+    model: Annotated[str, typer.Argument(help="Model folder, Hugging Face id, or 'builtin'")] = "builtin",
+    backend: Annotated[
+        str, typer.Option("--backend", "-b", help="Structured-output backend for constrained requests")
+    ] = "auto",
+    host: Annotated[str, typer.Option(help="Loopback address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: a free one, printed at start)")] = 8000,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="Model name clients send (default: MODEL)")
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="EVALPIPE_SERVE_API_KEY", help="Require this bearer key on /v1 (env is safer)"),
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="Chat max tokens when a request gives none")] = 256,
+) -> None:
+    """Serve a local model through an OpenAI-compatible API (vLLM 0.33's dialect) on loopback."""
+    # Imported here: FastAPI and uvicorn cost ~0.3 s of start-up that no other command needs.
+    from evalpipe.serve import LOOPBACK_HOSTS, HFBackend, RunningServer, create_app
+
+    if host not in LOOPBACK_HOSTS:  # before the model loads: refusing takes no time
+        raise UserError(
+            f"evalpipe serve listens on loopback only ({', '.join(LOOPBACK_HOSTS)}), not {host!r}"
+        )
+    name = served_model_name or model
+    generator = HFBackend(model, backend)
+    try:
+        app = create_app(generator, served_model_name=name, api_key=api_key, default_max_tokens=max_tokens)
+        server = RunningServer(app, host, port).start()
+        typer.echo(f"evalpipe serve: {server.url}/v1 (model {name!r}, backend {backend}); Ctrl-C stops it")
+        server.wait()
+    finally:
+        generator.close()
 
 
 def main(argv: list[str] | None = None) -> int:

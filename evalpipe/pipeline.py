@@ -104,8 +104,8 @@ def load_tasks(suite: Suite) -> tuple[list[Task], str]:
     return cast("tuple[list[Task], str]", loader())
 
 
-def prepare(config: RunConfig, cluster: ClusterConfig) -> RunPlan:
-    """Validate the config and build engines and the list of samples to produce. Writes nothing."""
+def check_config(config: RunConfig) -> Suite:
+    """The checks that need no data, model or daemon: names of suite, engine, sandbox and backends."""
     suite = load_suite(config.suite)
     check_name("engine", config.engine)
     check_name("sandbox", config.sandbox)
@@ -113,6 +113,12 @@ def prepare(config: RunConfig, cluster: ClusterConfig) -> RunPlan:
         check_backend(backend)
     if not config.models:
         raise UserError("no model given")
+    return suite
+
+
+def prepare(config: RunConfig, cluster: ClusterConfig) -> RunPlan:
+    """Validate the config and build engines and the list of samples to produce. Writes nothing."""
+    suite = check_config(config)
     tasks, dataset_sha = load_tasks(suite)
 
     factory = cast("EngineFactory", load("engine", config.engine))

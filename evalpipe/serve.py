@@ -49,9 +49,8 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
-import typer
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -799,39 +798,3 @@ def _streaming_engine_class(base: type[Any]) -> type[Any]:
                 self.listener(list(slot.out))
 
     return StreamingHFEngine
-
-
-# ------------------------------------------------------------------------------------------------------------
-# The command
-
-
-def serve_command(
-    model: Annotated[str, typer.Argument(help="Model folder, Hugging Face id, or 'builtin'")] = "builtin",
-    backend: Annotated[
-        str, typer.Option("--backend", "-b", help="Structured-output backend for constrained requests")
-    ] = "auto",
-    host: Annotated[str, typer.Option(help="Loopback address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port (0: a free one, printed at start)")] = 8000,
-    served_model_name: Annotated[
-        str | None, typer.Option(help="Model name clients send (default: MODEL)")
-    ] = None,
-    api_key: Annotated[
-        str | None,
-        typer.Option(envvar="EVALPIPE_SERVE_API_KEY", help="Require this bearer key on /v1 (env is safer)"),
-    ] = None,
-    max_tokens: Annotated[int, typer.Option(help="Chat max tokens when a request gives none")] = 256,
-) -> None:
-    """Serve a local model through an OpenAI-compatible API (vLLM 0.33's dialect) on loopback."""
-    if host not in LOOPBACK_HOSTS:  # before the model loads: refusing takes no time
-        raise UserError(
-            f"evalpipe serve listens on loopback only ({', '.join(LOOPBACK_HOSTS)}), not {host!r}"
-        )
-    name = served_model_name or model
-    generator = HFBackend(model, backend)
-    try:
-        app = create_app(generator, served_model_name=name, api_key=api_key, default_max_tokens=max_tokens)
-        server = RunningServer(app, host, port).start()
-        typer.echo(f"evalpipe serve: {server.url}/v1 (model {name!r}, backend {backend}); Ctrl-C stops it")
-        server.wait()
-    finally:
-        generator.close()

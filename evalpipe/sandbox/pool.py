@@ -6,6 +6,8 @@ runner only waits on a pipe or socket.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import os
 import queue
@@ -14,7 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from evalpipe.errors import RunFailed
 from evalpipe.records import SandboxLimits
@@ -92,6 +94,11 @@ def read_socket_chunk(sock: socket.socket, timeout: float) -> bytes | None:
     return sock.recv(1 << 16) if ready else None
 
 
+PIPELINE_DEPTH = 2
+"""Jobs sent ahead to each runner: the next job waits in its stdin while the current one runs, so a runner
+never idles for a round trip to evalpipe. Runners still run one program at a time."""
+
+
 class RunnerPool:
     """Runs jobs on `workers` runners; restarts dead ones; re-runs timeouts alone before reporting them."""
 
@@ -106,19 +113,39 @@ class RunnerPool:
         self._workers = workers
         self._limits = limits
         self._connections: dict[int, RunnerConnection] = {}
+        self._slot_locks = [threading.Lock() for _ in range(workers)]
+        self._warming: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._failures = 0
         self._max_failures = max_runner_failures
         self._closed = False
 
+    def warm(self) -> None:
+        """Start every runner now, in the background, so that start-up overlaps with the caller's own.
+
+        A runner that fails to start here is started again (and its error reported) by the first job.
+        """
+
+        def start(slot: int) -> None:
+            with contextlib.suppress(RunnerGone, RunFailed):
+                self._connection(slot)
+
+        self._warming = [
+            threading.Thread(target=start, args=(slot,), daemon=True, name=f"sandbox-warm-{slot}")
+            for slot in range(self._workers)
+        ]
+        for thread in self._warming:
+            thread.start()
+
     def _connection(self, slot: int) -> RunnerConnection:
-        connection = self._connections.get(slot)
-        if connection is None:
-            if self._closed:  # a worker thread still running after close() must not start new runners
-                raise RunFailed("the sandbox was closed")
-            connection = self._start_runner(slot)
-            self._connections[slot] = connection
-        return connection
+        with self._slot_locks[slot]:  # a warm-up start in progress for this slot is waited for, not repeated
+            connection = self._connections.get(slot)
+            if connection is None:
+                if self._closed:  # a worker thread still running after close() must not start new runners
+                    raise RunFailed("the sandbox was closed")
+                connection = self._start_runner(slot)
+                self._connections[slot] = connection
+            return connection
 
     def _replace(self, slot: int) -> None:
         connection = self._connections.pop(slot, None)
@@ -129,28 +156,81 @@ class RunnerPool:
             if self._failures > self._max_failures:
                 raise RunFailed(f"the sandbox keeps failing ({self._failures} runners replaced)")
 
+    def _message(self, job: Job) -> dict[str, Any]:
+        return runner_job(f"{job.key.task_id}#{job.key.index}", job.program, self._limits)
+
+    def _result(self, message: dict[str, Any], reply: dict[str, Any], attempts: int) -> JobResult:
+        if reply.get("id") != message["id"]:
+            raise RunnerGone(f"runner answered job {reply.get('id')!r}, expected {message['id']!r}")
+        fields = {k: reply[k] for k in JobResult.model_fields if k in reply}
+        return JobResult(**{**fields, "attempts": attempts})
+
+    @staticmethod
+    def _gave_up(error: str, attempts: int) -> JobResult:
+        return JobResult(
+            status="sandbox_error", passed=False, note=f"runner failed twice: {error}", attempts=attempts
+        )
+
     def run_one(self, slot: int, job: Job, attempts_before: int = 0) -> JobResult:
-        """Run a job on the runner of `slot`; a runner that dies is replaced and the job retried once."""
-        message = runner_job(f"{job.key.task_id}#{job.key.index}", job.program, self._limits)
+        """Run a job alone on the runner of `slot`; a dead runner is replaced and the job retried once."""
+        message = self._message(job)
         last_error = ""
         for attempt in (1, 2):
             try:
                 connection = self._connection(slot)
                 connection.send(message)
                 reply = connection.receive(self._limits.wall_time_s + _GRACE_S)
-                if reply.get("id") != message["id"]:
-                    raise RunnerGone(f"runner answered job {reply.get('id')!r}, expected {message['id']!r}")
-                fields = {k: reply[k] for k in JobResult.model_fields if k in reply}
-                return JobResult(**{**fields, "attempts": attempts_before + attempt})
+                return self._result(message, reply, attempts_before + attempt)
             except RunnerGone as error:
                 last_error = str(error)
                 self._replace(slot)
-        return JobResult(
-            status="sandbox_error",
-            passed=False,
-            note=f"runner failed twice: {last_error}",
-            attempts=attempts_before + 2,
-        )
+        return self._gave_up(last_error, attempts_before + 2)
+
+    def _serve_slot(
+        self, slot: int, todo: queue.Queue[Job | None], done: queue.Queue[tuple[Job, JobResult]]
+    ) -> None:
+        """Feed one runner up to PIPELINE_DEPTH jobs ahead and collect its results in order.
+
+        When the runner dies, the oldest unanswered job is the one it was running: that job is charged an
+        attempt (a second failure records `sandbox_error`); the jobs queued behind it never started and are
+        sent again to the replacement without being charged.
+        """
+        in_flight: collections.deque[tuple[Job, dict[str, Any], int]] = collections.deque()
+        unsent: collections.deque[tuple[Job, dict[str, Any], int]] = collections.deque()
+        exhausted = False
+        while True:
+            while not exhausted and len(in_flight) + len(unsent) < PIPELINE_DEPTH:
+                try:  # block only when there is nothing else to wait for
+                    job = todo.get(block=not (in_flight or unsent))
+                except queue.Empty:
+                    break
+                if job is None:
+                    exhausted = True
+                else:
+                    unsent.append((job, self._message(job), 0))
+            if not (in_flight or unsent):
+                return
+            try:
+                connection = self._connection(slot)
+                while unsent:
+                    connection.send(unsent[0][1])
+                    in_flight.append(unsent.popleft())
+                job, message, charged = in_flight[0]
+                reply = connection.receive(self._limits.wall_time_s + _GRACE_S)
+                done.put((job, self._result(message, reply, charged + 1)))
+                in_flight.popleft()
+            except RunnerGone as error:
+                self._replace(slot)
+                retry = in_flight + unsent
+                in_flight.clear()
+                unsent.clear()
+                if retry:
+                    job, message, charged = retry.popleft()
+                    if charged + 1 >= 2:
+                        done.put((job, self._gave_up(str(error), charged + 1)))
+                    else:
+                        retry.appendleft((job, message, charged + 1))
+                unsent.extend(retry)
 
     def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, JobResult]]:
         todo: queue.Queue[Job | None] = queue.Queue(maxsize=self._workers * 2)
@@ -168,8 +248,7 @@ class RunnerPool:
 
         def work(slot: int) -> None:
             try:
-                while (job := todo.get()) is not None:
-                    done.put((job, self.run_one(slot, job)))
+                self._serve_slot(slot, todo, cast("queue.Queue[tuple[Job, JobResult]]", done))
             except BaseException as error:
                 done.put(error)
             finally:
@@ -200,6 +279,8 @@ class RunnerPool:
 
     def close(self) -> None:
         self._closed = True
+        for thread in self._warming:  # a runner being started now is closed below, not left behind
+            thread.join()
         for slot in list(self._connections):
             connection = self._connections.pop(slot, None)
             if connection is not None:

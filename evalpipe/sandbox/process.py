@@ -66,6 +66,7 @@ class ProcessSandbox:
         self._work_root.chmod(0o711)  # job uids must reach their own work dirs inside
         self._as_root = os.geteuid() == 0
         self._pool = RunnerPool(self._start, workers, limits)
+        self._pool.warm()
 
     def _start(self, slot: int) -> RunnerConnection:
         return _SubprocessRunner(self._work_root, JOB_UID_BASE + slot if self._as_root else None)
