@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -335,6 +336,10 @@ def _run(config: RunConfig, cluster: ClusterConfig, resume: Path | None) -> None
             if existing is not None:
                 pipeline.check_resumable(existing, plan)
             executor = make_executor(plan, sandbox)
+            # What is alive now (imported modules, tasks, engines) lives as long as the run. Frozen, it is
+            # left out of CPython's full collections, which otherwise traverse it again and again: without
+            # this, garbage collection was ~15% of this process's CPU while a sandbox ran 1640 samples.
+            gc.freeze()
             _run_plan(plan, executor, existing)
         finally:
             if executor is not None:

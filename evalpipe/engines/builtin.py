@@ -19,7 +19,6 @@ import fcntl
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import sysconfig
@@ -28,6 +27,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from evalpipe.paths import cache_root
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -58,12 +59,6 @@ RECIPE: dict[str, Any] = {
 """Everything that decides the built-in model; its hash names the cache folder (any change: a new model)."""
 
 _EXCLUDED_PARTS = frozenset({"test", "tests", "idle_test", "lib2to3", "site-packages", "dist-packages"})
-
-
-def cache_root() -> Path:
-    """evalpipe's cache: `$EVALPIPE_CACHE`, else `~/.cache/evalpipe`. Models go in `models/`."""
-    configured = os.environ.get("EVALPIPE_CACHE")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "evalpipe"
 
 
 def recipe_hash(recipe: dict[str, Any] | None = None) -> str:

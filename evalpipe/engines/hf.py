@@ -54,8 +54,9 @@ import xgrammar
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from evalpipe.engines.base import GenerationRequest, plan_requests
-from evalpipe.engines.builtin import builtin_model_dir, cache_root
+from evalpipe.engines.builtin import builtin_model_dir
 from evalpipe.errors import UserError
+from evalpipe.paths import cache_root
 
 # CHAT_INSTRUCTION, code_block and cut_at_stop are re-exported only for tests/unit/test_openai_engine.py,
 # which checks that this engine agrees with the shared helpers (it now uses them): drop both together.

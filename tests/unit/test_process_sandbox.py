@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -80,3 +82,26 @@ def test_output_is_captured_and_capped() -> None:
     assert result.status == "passed"
     assert result.stdout_tail.endswith("x" * 50 + "\n")
     assert len(result.stdout_tail) < 200
+
+
+def test_a_job_queued_behind_a_dying_runner_is_not_charged_for_its_death() -> None:
+    """Jobs are sent two deep: when the runner dies, only the job it was running is charged an attempt;
+    the job waiting behind it never started and runs once on the replacement."""
+    sandbox = ProcessSandbox(SandboxLimits(), workers=1)
+    programs = ["import os\nprint(os.getppid())\n", "import time\ntime.sleep(1)\n", "pass\n", "pass\n"]
+    jobs = [
+        Job(key=SampleKey(model="m", backend="none", task_id=f"t{i}", index=0), program=program)
+        for i, program in enumerate(programs)
+    ]
+    results: dict[str, JobResult] = {}
+    try:
+        for job, result in sandbox.run(jobs):
+            results[job.key.task_id] = result
+            if job.key.task_id == "t0":  # t1 is running now and t2 waits behind it: kill their runner
+                os.kill(int(result.stdout_tail), signal.SIGKILL)
+    finally:
+        sandbox.close()
+    assert sorted(results) == ["t0", "t1", "t2", "t3"]
+    assert (results["t1"].status, results["t1"].attempts) == ("passed", 2)
+    for name in ("t0", "t2", "t3"):
+        assert (results[name].status, results[name].attempts) == ("passed", 1), results[name]
