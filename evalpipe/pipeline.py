@@ -355,7 +355,9 @@ def _execution(key: SampleKey, result: JobResult, meta: tuple[str, bool]) -> Exe
 
 def rescore(run: RunDirectory, ks: Sequence[int] | None = None) -> list[Score]:
     """Recompute scores.json from the JSONL files (derived data is never trusted over its source)."""
-    requested = run.config.ks if ks is None else ks
-    scores = score_runs(run.generations(), run.executions(), requested)
+    config = run.config
+    requested = config.ks if ks is None else ks
+    order = [(model, backend) for model in config.models for backend in config.backends]
+    scores = score_runs(run.generations(), run.executions(), requested, order)
     run.write_scores(scores)
     return scores

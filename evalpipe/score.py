@@ -43,9 +43,15 @@ def summarize(values: Iterable[float | None]) -> LatencySummary | None:
 
 
 def score_runs(
-    generations: Sequence[Generation], executions: Sequence[Execution], ks: Sequence[int]
+    generations: Sequence[Generation],
+    executions: Sequence[Execution],
+    ks: Sequence[int],
+    order: Sequence[tuple[str, str]] = (),
 ) -> list[Score]:
-    """One Score per (model, backend), from the executions (correctness) and generations (latency)."""
+    """One Score per (model, backend), from the executions (correctness) and generations (latency).
+
+    Scores come in `order` (the run's models × backends as given), then any other pair sorted.
+    """
     by_pair: dict[tuple[str, str], list[Execution]] = defaultdict(list)
     for execution in executions:
         by_pair[(execution.key.model, execution.key.backend)].append(execution)
@@ -54,7 +60,10 @@ def score_runs(
         gens_by_pair[(generation.key.model, generation.key.backend)].append(generation)
 
     scores = []
-    for (model, backend), rows in sorted(by_pair.items()):
+    rank = {pair: i for i, pair in enumerate(order)}
+    for (model, backend), rows in sorted(
+        by_pair.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])
+    ):
         counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for row in rows:
             counts[row.key.task_id][0] += 1

@@ -49,3 +49,17 @@ def test_scores_keep_per_task_counts_and_syntax_rate() -> None:
     assert score.pass_at_k == {1: pytest.approx((0.5 + 0.0) / 2)}
     assert score.syntax_valid_rate == pytest.approx(2 / 3)
     assert score.status_counts == {"failed": 2, "passed": 1}
+
+
+def test_scores_follow_the_given_order_of_models_and_backends() -> None:
+    def execution(model: str, backend: str) -> Execution:
+        key = SampleKey(model=model, backend=backend, task_id="t", index=0)
+        return Execution(key=key, program_sha256="0" * 64, syntax_valid=True, status="passed", passed=True)
+
+    pairs = [("m", "none"), ("m", "guidance"), ("a", "xgrammar"), ("z", "other")]
+    executions = [execution(model, backend) for model, backend in reversed(pairs)]
+    order = [("m", "none"), ("m", "guidance"), ("a", "xgrammar")]  # ("z", "other") is not in the config
+    scores = score_runs([], executions, (1,), order)
+    assert [(score.model, score.backend) for score in scores] == pairs
+    unordered = score_runs([], executions, (1,))
+    assert [(score.model, score.backend) for score in unordered] == sorted(pairs)
