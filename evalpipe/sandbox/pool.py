@@ -281,7 +281,10 @@ class RunnerPool:
         self._closed = True
         for thread in self._warming:  # a runner being started now is closed below, not left behind
             thread.join()
-        for slot in list(self._connections):
-            connection = self._connections.pop(slot, None)
-            if connection is not None:
-                connection.close()
+        connections = [self._connections.pop(slot) for slot in list(self._connections)]
+        # In parallel: removing a container takes ~0.1 s of waiting on the daemon.
+        closers = [threading.Thread(target=connection.close, daemon=True) for connection in connections]
+        for thread in closers:
+            thread.start()
+        for thread in closers:
+            thread.join()
