@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -39,6 +40,7 @@ def test_reference_self_test_passes_every_task(cli: Callable[..., CliResult], tm
     assert run.manifest.status == "completed"
     assert "development" in err  # the process sandbox says what it is
     assert "pass@1" in out and "1.0000" in out
+    assert gc.get_freeze_count() == 0  # the run's frozen heap is handed back to the collector
     executions = run.executions()
     assert len({e.key.task_id for e in executions}) == 164
     assert all(e.status == "passed" for e in executions)
