@@ -88,7 +88,7 @@ def main() -> None:
         for run in runs:
             print(json.dumps(run))
         medians[kind] = statistics.median(run["programs_per_s"] for run in runs)
-        print(f"{kind}: median {medians[kind]} programs/s over {len(runs)} runs of {len(jobs)}")
+        print(f"{kind}: median {medians[kind]:.1f} programs/s over {len(runs)} runs of {len(jobs)}")
     if "process" in medians:
         print(f"docker / process: {medians['docker'] / medians['process']:.2f}x")
 
