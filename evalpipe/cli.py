@@ -96,16 +96,14 @@ def warn_if_development(sandbox: str) -> None:
         err.print(f"[bold yellow]WARNING:[/] {WARNING}", soft_wrap=True)
 
 
-def make_executor(plan: RunPlan, sandbox: Sandbox | None = None) -> Executor:
-    """Ray actors when the cluster config asks for them, else engines here and one sandbox (`sandbox`, when
-    the caller made it already)."""
-    config, cluster = plan.config, plan.cluster
-    if cluster.executor == "ray":
+def make_executor(plan: RunPlan, sandbox: Sandbox | None) -> Executor:
+    """Ray actors when the cluster config asks for them (they make their own sandboxes), else the engines
+    here and `sandbox`, which an inline run makes before its tasks load."""
+    if plan.cluster.executor == "ray":
         from evalpipe.cluster import RayExecutor
 
         return cast("Executor", RayExecutor(plan))
-    if sandbox is None:
-        sandbox = make_sandbox(config.sandbox, config.limits, _workers(cluster.workers))
+    assert sandbox is not None, "an inline run makes its sandbox first"
     return InlineExecutor(plan.engines, sandbox)
 
 

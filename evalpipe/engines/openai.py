@@ -56,11 +56,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from evalpipe.engines.base import GenerationRequest, plan_requests
 from evalpipe.engines.vllm import (
-    ConstraintLike,
+    constraint_and_fields,
     constraint_satisfied,
     engine_args_of,
-    load_suite_constraint,
-    structured_outputs_fields,
 )
 from evalpipe.errors import EvalpipeError, RunFailed, UserError
 from evalpipe.prompting import chat_messages, check_suite, extract_completion, sample_seed
@@ -288,14 +286,7 @@ class OpenAIEngine:
             if self._options.api != "auto"
             else ("chat" if suite.prompt.format == "chat" else "completions")
         )
-        self._constraint: ConstraintLike | None = load_suite_constraint(suite)
-        if backend != "none" and self._constraint is None:
-            raise UserError(f"backend {backend!r} needs a constraint, and suite {suite.name!r} has none")
-        self._fields = (
-            structured_outputs_fields(self._constraint, backend)
-            if self._constraint is not None and backend != "none"
-            else None
-        )
+        self._constraint, self._fields = constraint_and_fields(suite, backend)
         response_format = self._options.constraint_field == "response_format"
         if self._fields is not None and response_format and set(self._fields) != {"json"}:
             raise UserError("--engine-arg constraint_field=response_format carries JSON schemas only")

@@ -99,6 +99,17 @@ def load_suite_constraint(suite: Suite) -> ConstraintLike | None:
     return cast("ConstraintLike | None", module.load_constraint(suite))
 
 
+def constraint_and_fields(suite: Suite, backend: str) -> tuple[ConstraintLike | None, dict[str, Any] | None]:
+    """The suite's constraint and the `structured_outputs` fields that send it under `backend` (None for
+    `none`); UserError when a constrained backend meets a suite without a constraint."""
+    constraint = load_suite_constraint(suite)
+    if backend == "none":
+        return constraint, None
+    if constraint is None:
+        raise UserError(f"backend {backend!r} needs a constraint, and suite {suite.name!r} has none")
+    return constraint, structured_outputs_fields(constraint, backend)
+
+
 def constraint_satisfied(constraint: ConstraintLike | None, raw_text: str) -> bool | None:
     """Whether the model's raw output satisfies the constraint, checked apart from any backend."""
     if constraint is None:
@@ -269,14 +280,7 @@ class VLLMEngine:
             raise UserError(f"suite prompt format {suite.prompt.format!r} is not raw or chat")
         self._config, self._suite, self._model, self._backend = config, suite, model, backend
         check_suite(suite)
-        self._constraint = load_suite_constraint(suite)
-        if backend != "none" and self._constraint is None:
-            raise UserError(f"backend {backend!r} needs a constraint, and suite {suite.name!r} has none")
-        self._fields = (
-            structured_outputs_fields(self._constraint, backend)
-            if self._constraint is not None and backend != "none"
-            else None
-        )
+        self._constraint, self._fields = constraint_and_fields(suite, backend)
         self._stops = tuple(suite.prompt.stop) if self._fields is None else ()
         args = engine_args_of(config)
         try:
