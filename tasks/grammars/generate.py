@@ -39,6 +39,10 @@ LARK_PATH = HERE / "python_body.lark"
 GBNF_PATH = HERE / "python_body.gbnf"
 
 BODY_WIDTH = 4  # the HumanEval prompt's function body is indented by 4 spaces
+STOP_WORDS = ("def ", "class ", "if __name__", "print(", "#", "assert ")
+"""How a top-level line may start right after the body: the `humaneval` suite's stop sequences without their
+newline (tests/unit/test_grammars.py checks that they agree). A completion ends there in every arm: the stop
+sequence ends an unconstrained one, and the grammar lets a constrained one write it, then only lets it end."""
 MAX_WIDTH = 32  # deepest indentation of a statement line
 STEPS = (2, 3, 4, 5, 6, 7, 8)  # how much deeper a nested block may be indented than its header
 
@@ -338,8 +342,13 @@ SP1 = plus(" ")
 CTRL = "\x00-\x08\n-\x1f"  # control characters allowed nowhere except tab (and newline in triple quotes)
 COMMENT = frag("F_COMMENT", seq("#", star(ncls(CTRL))))
 EOL_FRAG = frag("F_EOL", seq(SP0, opt(COMMENT), "\n"))
-W0 = frag("F_W0", seq(star(EOL_FRAG), SP0))  # inside brackets: any spaces, newlines and comment lines
-W1 = frag("F_W1", alt(SP1, seq(plus(EOL_FRAG), SP0)))  # the same, but not empty
+# A line that follows a newline never starts in column 0: a column-0 line is where a completion ends (the
+# suite's stop sequences, `STOP_WORDS`), so inside the body every line, blank and comment-only ones included,
+# starts with a space or is empty.
+BLANK_FRAG = frag("F_BLANK", alt("\n", seq(SP1, opt(COMMENT), "\n")))
+# inside brackets: any spaces, newlines and indented comment lines; a continuation line starts with a space
+W0 = frag("F_W0", alt(SP0, seq(EOL_FRAG, star(BLANK_FRAG), SP1)))
+W1 = frag("F_W1", alt(SP1, seq(EOL_FRAG, star(BLANK_FRAG), SP1)))  # the same, but not empty
 
 IDSTART = cls("a-zA-Z_")
 IDCHAR = cls("a-zA-Z0-9_")
@@ -400,9 +409,7 @@ ESC_STR = frag(
     ),
 )
 ESC_BYTES = seq("\\", ESC_COMMON)
-ESC_TRIPLE = alt(ESC_STR, "\\\n")  # a backslash-newline continues a triple-quoted string
 ESC_RAW = seq("\\", ncls(CTRL))  # raw strings: a backslash protects any next character
-ESC_RAW_TRIPLE = seq("\\", ncls("\x00-\x08\x0b-\x1f"))
 
 FFIELD_EXPR = seq(
     NAME_FRAG,
@@ -426,10 +433,15 @@ def short_string(q: str, kind: str) -> Node:
 
 def triple_string(q: str, raw: bool) -> Node:
     """Triple-quoted: a run of one or two quotes inside is always followed by a non-quote, so the content
-    neither contains the closing run nor ends with a quote."""
-    char = ncls(q + "\\\x00-\x08\x0b-\x1f")
-    unit = alt(char, ESC_RAW_TRIPLE if raw else ESC_TRIPLE)
-    return seq(q * 3, star(seq(rep(q, 0, 2), unit)), q * 3)
+    neither contains the closing run nor ends with a quote. A line inside starts with a space or a tab, or
+    is empty, unless the closing quotes begin it: a column-0 line would be where the completion ends."""
+    char = ncls(q + "\\\n\x00-\x08\x0b-\x1f")
+    newlines = seq(plus("\n"), cls(" \t"))
+    # a backslash-newline continues the string; in a raw string a backslash protects any other character
+    continued = seq("\\", newlines)
+    escape = alt(seq("\\", ncls("\n\x00-\x08\x0b-\x1f")), continued) if raw else alt(ESC_STR, continued)
+    unit = alt(char, newlines, escape)
+    return seq(q * 3, star(seq(rep(q, 0, 2), unit)), star("\n"), q * 3)
 
 
 PLAIN_STR = frag(
@@ -464,7 +476,8 @@ STRCONT_I = term("STRCONT_I", seq(W1, ANY_STR))  # ... and across lines inside b
 BYTES = term("BYTES", seq(cls("bB"), alt(short_string("'", "bytes"), short_string('"', "bytes"))))
 ELLIPSIS = term("ELLIPSIS", "...")
 
-NL = term("NL", EOL_FRAG)  # end of a logical line, or a blank / comment-only line
+NL = term("NL", EOL_FRAG)  # end of a logical line (with its comment, if any)
+BLANK = term("BLANK", BLANK_FRAG)  # a blank or comment-only line after it, never starting in column 0
 LPAR = term("LPAR", seq("(", W0))
 CALL = term("CALL", seq(SP0, "(", W0))  # a call may have spaces before its parenthesis: `all (x for x in y)`
 RPAR = term("RPAR", seq(W0, ")"))
@@ -858,7 +871,7 @@ def upto(x: Node, n: int) -> Node:
 
 for w in reachable_widths():
     ind = tm(f"IND{w}")
-    blank = upto(NL, MAX_BLANK_LINES)
+    blank = upto(BLANK, MAX_BLANK_LINES)
     for lp in "nl":
         s = f"_{w}{lp}"
         kids = children(w)
@@ -901,8 +914,11 @@ for w in reachable_widths():
         rule("block" + s, seq(rref("stmt" + s), star(seq(blank, rref("stmt" + s)))))
     rule(f"def_{w}", seq(ind, rref("def_head"), rref(f"suite_{w}n")))
 
-edge = upto(NL, MAX_BLANK_LINES)
-rule("start", seq(edge, rref(f"block_{BODY_WIDTH}n"), edge))
+edge = upto(BLANK, MAX_BLANK_LINES)
+# The end: the text ends after the body's last newline, or goes on with the start of a top-level line (one of
+# `STOP_WORDS`, where the suite's stop sequences end every arm's completion) and ends there.
+END = term("END", alt(*STOP_WORDS))
+rule("start", seq(edge, rref(f"block_{BODY_WIDTH}n"), edge, opt(END)))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -913,9 +929,11 @@ Python function body for a HumanEval-style completion: the text that follows a p
 function's signature, its docstring and a newline. GENERATED by tasks/grammars/generate.py from the same
 definition as its twin python_body.{twin} (same language); edit the generator and rerun it.
 
-Accepts: one or more statements indented by 4 spaces, every line ending in a newline, then the end of the
-text. A nested block is indented 2 to 8 spaces deeper than its header, at most 32 spaces. No %ignore: all
-spacing is part of the terminals, so keywords and names never run together (`ifx` is a name, not `if x`).
+Accepts: one or more statements indented by 4 spaces, every line ending in a newline, then either the end of
+the text or the start of a top-level line, one of {stop_words}, which ends the text: that is where the suite's
+stop sequences end an unconstrained completion, so both arms can end at the same place. A nested block is
+indented 2 to 8 spaces deeper than its header, at most 32 spaces. No %ignore: all spacing is part of the
+terminals, so keywords and names never run together (`ifx` is a name, not `if x`).
 
 Guarantees (`prompt + body` compiles for every accepted body, up to the holes below):
 - balanced brackets; newlines only inside brackets (implicit line joining)
@@ -926,7 +944,7 @@ Guarantees (`prompt + body` compiles for every accepted body, up to the holes be
 - positional before keyword arguments, a generator argument only alone, non-default parameters before
   default ones, a bare `*` followed by a parameter, at most one starred assignment target per level,
   a bare `except:` last, no `from __future__` or star-imports inside the function
-- a proper end: the body ends right after a newline
+- a proper end: the body ends right after a newline (then at most the start of a top-level line)
 Cannot guarantee (not context-free): names defined, duplicate parameter names (`def g(a, a)`), repeated
 keyword arguments (`f(a=1, a=2)`), runtime behaviour, CPython's nesting limits (~200 open brackets).
 Not supported (rejected although valid Python): class, decorators, global/nonlocal, yield, async/await,
@@ -936,8 +954,14 @@ fields other than `{{name.attr[index]!r:spec}}`, \\N{{...}} and \\4xx-\\7xx esca
 without a space (`'a''b'`), annotated subscriptions (`d[k]: int`), non-ASCII identifiers, a keyword right
 after a closing bracket or string (`(x)and y`), newlines inside brackets other than after an opening
 bracket, around commas, operators and keywords, and before a closing bracket, more than {max_blank} blank
-or comment-only lines in a row.
+or comment-only lines in a row, and lines that start in column 0 inside the body (comment-only lines,
+continuation lines in brackets or in multi-line strings): a column-0 line is where the completion ends.
 """
+
+
+def _header(twin: str) -> str:
+    stop_words = ", ".join(f"`{word}`" for word in STOP_WORDS)
+    return HEADER.format(twin=twin, max_blank=MAX_BLANK_LINES, stop_words=stop_words)
 
 
 def ordered_rules() -> list[tuple[str, Node]]:
@@ -946,10 +970,7 @@ def ordered_rules() -> list[tuple[str, Node]]:
 
 
 def render_lark() -> str:
-    lines = [
-        "// " + line if line else "//"
-        for line in HEADER.format(twin="gbnf", max_blank=MAX_BLANK_LINES).splitlines()
-    ]
+    lines = ["// " + line if line else "//" for line in _header("gbnf").splitlines()]
     lines += [
         "//",
         '// llguidance Lark dialect (vLLM `guidance` backend): llguidance.grammar_from("lark", text).',
@@ -964,10 +985,7 @@ def render_lark() -> str:
 
 
 def render_gbnf() -> str:
-    lines = [
-        "# " + line if line else "#"
-        for line in HEADER.format(twin="lark", max_blank=MAX_BLANK_LINES).splitlines()
-    ]
+    lines = ["# " + line if line else "#" for line in _header("lark").splitlines()]
     lines += ["#", "# XGrammar EBNF (GBNF), root rule `root`: xgrammar.Grammar.from_ebnf(text).", ""]
     for name, body in ordered_rules():
         lines.append(f"{gbnf_name(name)} ::= {to_ebnf(body)}")

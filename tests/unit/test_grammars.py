@@ -184,6 +184,67 @@ def test_the_crossed_routes_give_the_same_verdicts(problems: dict[str, dict[str,
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Where a completion ends: the same place in every arm
+
+
+def test_stop_words_are_the_suite_stop_sequences(generator: ModuleType) -> None:
+    """The grammar ends where the `humaneval` suite's stop sequences end an unconstrained completion."""
+    from evalpipe.suites import load_suite
+
+    stops = load_suite("humaneval").prompt.stop
+    assert all(stop.startswith("\n") for stop in stops)
+    assert tuple(stop.removeprefix("\n") for stop in stops) == generator.STOP_WORDS
+
+
+def test_a_body_may_end_with_the_start_of_a_top_level_line_and_nothing_after(
+    engines: Engines, generator: ModuleType, problems: dict[str, dict[str, Any]]
+) -> None:
+    """Every canonical body followed by each stop word (with or without a blank line between) is accepted by
+    both engines, and then nothing more is: the completion has ended."""
+    wrong = []
+    for task_id, problem in list(problems.items())[::8]:
+        body = problem["canonical_solution"]
+        for word in generator.STOP_WORDS:
+            for text in (body + word, body + "\n" + word):
+                if engines.verdicts(text) != (True, True):
+                    wrong.append((task_id, text[-20:]))
+            if engines.verdicts(body + word + "x") != (False, False):
+                wrong.append((task_id, "accepts more after " + word))
+    assert wrong == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "    x = 1\n# column-0 comment\n    return x\n",  # `\n#` is a stop sequence
+        "    x = f(\n1)\n",  # a continuation line in column 0
+        "    x = [\n    1,\n]\n",  # a closing bracket in column 0
+        '    s = """\nprint(1)\n"""\n',  # a column-0 line inside a multi-line string
+        "def f():\n    pass\n",  # nothing before the stop word: no body
+        "    return 1\ndef",  # an unfinished stop word
+        "    return 1\nif x:\n",  # a top-level line that is no stop sequence
+    ],
+)
+def test_column_zero_lines_end_the_body_and_nothing_else_does(engines: Engines, text: str) -> None:
+    assert engines.verdicts(text) == (False, False)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "    x = 1\n    # indented comment\n    return x\n#",
+        "    x = f(\n 1)\n",
+        '    s = """\n  line\n\n"""\n',
+        '    s = """a\n"""\n',
+        "    return 1\n\n\nif __name__",
+    ],
+)
+def test_indented_lines_continue_the_body(engines: Engines, text: str) -> None:
+    assert compile_error(PROMPT + text.removesuffix("#").removesuffix("if __name__")) is None
+    assert engines.verdicts(text) == (True, True)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Hand-written corpus
 
 
@@ -309,6 +370,14 @@ class Sampler:
             yield self.sample(self.defs["start"])
 
 
+def code_of(generator: ModuleType, text: str) -> str:
+    """The body without the start of a top-level line that may end it (where the completion ends)."""
+    for word in generator.STOP_WORDS:
+        if text.endswith("\n" + word):
+            return text.removesuffix(word)
+    return text
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_random_bodies_from_the_grammar_compile_and_both_engines_accept_them(
@@ -322,7 +391,7 @@ def test_random_bodies_from_the_grammar_compile_and_both_engines_accept_them(
         verdicts = engines.verdicts(body)
         if verdicts != (True, True):
             problems.append(f"(llguidance, xgrammar) = {verdicts}")
-        error = compile_error(PROMPT + body)
+        error = compile_error(PROMPT + code_of(generator, body))
         if error is not None and not any(hole in error for hole in KNOWN_HOLES):
             problems.append(error)
         if problems:
