@@ -10,7 +10,7 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SCHEMA_VERSION = 1
 """Version of the run-directory format; readers refuse versions they do not know (docs/run-directory.md)."""
@@ -18,7 +18,10 @@ SCHEMA_VERSION = 1
 ExecutionStatus = Literal[
     "passed", "failed", "timeout", "syntax_error", "exited_early", "oom", "sandbox_error"
 ]
-FinishReason = Literal["stop", "length", "grammar_end", "timeout", "error", "replayed"]
+FinishReason = Literal["stop", "length", "timeout", "error", "replayed"]
+"""Why a completion ended, the same words for every engine and backend (`evalpipe.completion`): `stop` it
+ended on its own (EOS or a stop sequence), `length` max tokens, `timeout` its deadline, `error` the engine
+failed it, `replayed` a replay engine read it from a file."""
 
 
 class Record(BaseModel):
@@ -82,6 +85,12 @@ class Generation(Record):
     effective_backend: str
     """The structured-output backend actually used (differs from key.backend only for `auto`)."""
     error: str | None = None
+
+    @field_validator("finish_reason", mode="before")
+    @classmethod
+    def _one_vocabulary(cls, value: object) -> object:
+        # Runs written before finish reasons were one vocabulary said `grammar_end` where `stop` is meant.
+        return "stop" if value == "grammar_end" else value
 
 
 class Execution(Record):

@@ -102,6 +102,8 @@ class BackendRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    include_stop: bool = False
+    """Keep the stop sequence that ended the text in it (vLLM's `include_stop_str_in_output`)."""
     constraint: RequestConstraint | None = None
 
 
@@ -150,6 +152,7 @@ class _Body(BaseModel):
     top_p: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
+    include_stop_str_in_output: bool = False
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
     n: int | None = 1
@@ -344,6 +347,7 @@ def create_app(
                 top_p=1.0 if body.top_p is None else body.top_p,
                 seed=body.seed,
                 stop=_stops(body.stop),
+                include_stop=body.include_stop_str_in_output,
                 constraint=request_constraint(body.structured_outputs, body.response_format),
             )
             if request.max_tokens < 1:
@@ -767,14 +771,16 @@ class HFBackend:
 
     @staticmethod
     def _last(generation: Any, request: BackendRequest, sent: int) -> Chunk:
-        """The last chunk: the rest of the text, cut before the first stop sequence, as vLLM returns it."""
+        """The last chunk: the rest of the text, cut before the first stop sequence (after it with
+        `include_stop`), as vLLM returns it."""
         if generation.finish_reason == "error":
             raise RuntimeError(generation.error or "generation failed")
         final = generation.raw_text  # without the EOS token
         found = [(final.find(stop), stop) for stop in request.stop if stop in final]
         stop_reason = min(found)[1] if found else None
         if stop_reason is not None:
-            final = final[: final.find(stop_reason)]
+            cut = final.find(stop_reason) + (len(stop_reason) if request.include_stop else 0)
+            final = final[:cut]
         finish = "length" if generation.finish_reason == "length" and stop_reason is None else "stop"
         return Chunk(
             text=final[sent:],

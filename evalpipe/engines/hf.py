@@ -11,7 +11,10 @@ The decode loop is our own (not `model.generate`) so that masking, stopping and 
   `GrammarMatcher.fill_next_token_bitmask`); the rows are applied to the logits in one
   `xgrammar.apply_token_bitmask_inplace` call (its native CPU kernel on CPU: llguidance's own apply is
   `torch.compile`d and costs over a minute on its first CPU call). Both matchers allow EOS only where the
-  grammar accepts, so a sequence ends with `grammar_end` when EOS is chosen there.
+  grammar accepts.
+- **Ending** follows `evalpipe.completion` in every arm: EOS, the suite's stop sequences (checked on the
+  decoded tail, a stop at the very start included; constrained arms too, where the grammar lets them write
+  one), or max tokens.
 - **Grammars** are compiled once per engine and held for its life. A slow XGrammar compile (see
   `XGRAMMAR_DISK_CACHE_MIN_S`) is also kept on disk (`CompiledGrammar.serialize_json`, under
   `<cache>/xgrammar/`), keyed by the grammar's sha256, the tokenizer's vocabulary, the mask width, the stop
@@ -53,21 +56,12 @@ import torch
 import xgrammar
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from evalpipe.completion import complete, constraint_satisfied, find_stop, lead_of, stop_sequences
 from evalpipe.engines.base import GenerationRequest, plan_requests
 from evalpipe.engines.builtin import builtin_model_dir
 from evalpipe.errors import UserError
 from evalpipe.paths import cache_root
-
-# CHAT_INSTRUCTION, code_block and cut_at_stop are re-exported only for tests/unit/test_openai_engine.py,
-# which checks that this engine agrees with the shared helpers (it now uses them): drop both together.
-from evalpipe.prompting import (  # noqa: F401
-    CHAT_INSTRUCTION,
-    chat_messages,
-    code_block,
-    cut_at_stop,
-    extract_completion,
-    sample_seed,
-)
+from evalpipe.prompting import chat_messages, sample_seed
 from evalpipe.records import FinishReason, Generation, RunConfig, Task
 from evalpipe.suites import Suite
 
@@ -344,6 +338,8 @@ class _Slot:
     prompt_ids: list[int]
     generator: torch.Generator | None
     matcher: _Matcher | None
+    lead: str
+    """The prompt's end, where a stop sequence at the completion's start begins (`completion.lead_of`)."""
     out: list[int] = field(default_factory=list)
     first_s: float | None = None
     end_s: float | None = None
@@ -439,7 +435,7 @@ class HFEngine:
         self._pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self._eos_ids or [0])[0]
         )
-        self._stops = tuple(self._suite.prompt.stop)
+        self._stops = stop_sequences(self._suite)
         self._stop_window = max((len(s) for s in self._stops), default=0) + 1
         if self._suite.prompt.format not in ("raw", "chat"):
             raise UserError(f"suite prompt format {self._suite.prompt.format!r} is not raw or chat")
@@ -557,7 +553,7 @@ class HFEngine:
             seed = sample_seed(self._config.seed, request.key.task_id, request.key.index)
             generator = torch.Generator(device=self._device).manual_seed(seed)
         matcher = self._grammar.matcher() if self._grammar is not None else None
-        return _Slot(request, prompt_ids, generator, matcher)
+        return _Slot(request, prompt_ids, generator, matcher, lead_of(self._suite, request.task))
 
     def _decode(self, slots: list[_Slot]) -> Iterator[tuple[Generation, list[int]]]:
         """Decode one batch to the end, yielding each sequence as it finishes."""
@@ -675,18 +671,15 @@ class HFEngine:
             slot.finish, slot.error, slot.end_s = "error", "the grammar allows no next token", now
             return
         slot.out.append(token)
-        is_eos = token in self._eos_ids
-        if slot.matcher is not None:
-            if not slot.matcher.accept(token):
-                slot.finish, slot.error = "error", f"matcher rejected token {token}: {slot.matcher.error()}"
-            elif is_eos:
-                slot.finish = "grammar_end"  # the mask allows EOS only where the grammar accepts
-        elif is_eos:
-            slot.finish = "stop"
+        if slot.matcher is not None and not slot.matcher.accept(token):
+            slot.finish, slot.error = "error", f"matcher rejected token {token}: {slot.matcher.error()}"
+        elif token in self._eos_ids:
+            slot.finish = "stop"  # under a grammar, the mask allows EOS only where the grammar accepts
         elif self._stops:
             # A stop sequence can only end in the newest token; decoding a short tail keeps the check cheap.
             tail = self._tokenizer.decode(slot.out[-self._stop_window :], skip_special_tokens=False)
-            if any(stop in tail for stop in self._stops):
+            lead = slot.lead if len(slot.out) <= self._stop_window else ""
+            if find_stop(tail, self._stops, lead) is not None:
                 slot.finish = "stop"
         if slot.finish is None and len(slot.out) >= self._config.max_tokens:
             slot.finish = "length"
@@ -696,14 +689,7 @@ class HFEngine:
     def _record(self, slot: _Slot, started: float) -> Generation:
         ids = slot.out[:-1] if slot.out and slot.out[-1] in self._eos_ids else slot.out
         raw = self._tokenizer.decode(ids, skip_special_tokens=False)
-        constrained = self._grammar is not None
-        text, extract_error = extract_completion(self._suite, raw, constrained=constrained)
-        satisfied = None
-        if self._constraint is not None:
-            from evalpipe.constraints import satisfies
-
-            # The output as vLLM returns it: the raw text, cut before a stop sequence (only `none` has any).
-            satisfied = satisfies(self._constraint, raw if constrained else cut_at_stop(raw, self._stops))
+        completion = complete(self._suite, slot.request.task, raw)
         n_out = len(slot.out)
         ttft = None if slot.first_s is None else slot.first_s - started
         e2e = None if slot.end_s is None else slot.end_s - started
@@ -712,7 +698,7 @@ class HFEngine:
         return Generation(
             key=slot.request.key,
             raw_text=raw,
-            text=text,
+            text=completion.code,
             finish_reason=slot.finish or "error",
             n_prompt_tokens=len(slot.prompt_ids),
             n_output_tokens=n_out,
@@ -722,9 +708,9 @@ class HFEngine:
             grammar_compile_s=None if grammar is None else grammar.compile_s,
             grammar_cache_hit=None if grammar is None else grammar.cache_hit,
             mask_s_per_token=slot.mask_s / slot.mask_steps if slot.mask_steps else None,
-            constraint_satisfied=satisfied,
+            constraint_satisfied=constraint_satisfied(self._constraint, completion),
             effective_backend=self._effective,
-            error=slot.error or extract_error,
+            error=slot.error or completion.error,
         )
 
 

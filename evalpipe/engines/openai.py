@@ -48,23 +48,23 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from evalpipe.completion import check_suite, complete, constraint_satisfied, stop_sequences
 from evalpipe.engines.base import GenerationRequest, plan_requests
-from evalpipe.engines.vllm import (
-    constraint_and_fields,
-    constraint_satisfied,
-    engine_args_of,
-)
+from evalpipe.engines.vllm import constraint_and_fields, engine_args_of
 from evalpipe.errors import EvalpipeError, RunFailed, UserError
-from evalpipe.prompting import chat_messages, check_suite, extract_completion, sample_seed
+from evalpipe.prompting import chat_messages, sample_seed
 from evalpipe.records import FinishReason, Generation, RunConfig, SampleKey, Task
 from evalpipe.registry import BACKENDS
 from evalpipe.suites import Suite
+
+if TYPE_CHECKING:
+    from evalpipe.constraints import Constraint
 
 ENV_BASE_URL = "EVALPIPE_BASE_URL"
 ENV_API_KEYS = ("EVALPIPE_API_KEY", "OPENAI_API_KEY")
@@ -218,6 +218,8 @@ def request_body(
         body["seed"] = seed
     if stop:
         body["stop"] = list(stop)
+        # vLLM's extension: the output shows where it ended (see evalpipe.completion).
+        body["include_stop_str_in_output"] = True
     if structured_outputs:
         if constraint_field == "response_format":
             if set(structured_outputs) != {"json"}:
@@ -290,8 +292,7 @@ class OpenAIEngine:
         response_format = self._options.constraint_field == "response_format"
         if self._fields is not None and response_format and set(self._fields) != {"json"}:
             raise UserError("--engine-arg constraint_field=response_format carries JSON schemas only")
-        # Stop sequences end unconstrained generation; under a constraint the grammar decides where it ends.
-        self._stops = tuple(suite.prompt.stop) if self._fields is None else ()
+        self._stops = stop_sequences(suite)  # in every arm: see evalpipe.completion
         self._root = resolve_base_url(base_url_spec(config), backend)
         self._key = api_key()
         self._server: dict[str, Any] = {}
@@ -637,7 +638,7 @@ class OpenAIEngine:
 
     def _generation(self, request: GenerationRequest, state: _Stream) -> Generation:
         raw = "".join(state.parts)
-        text, extract_error = extract_completion(self._suite, raw, constrained=self._fields is not None)
+        ended = complete(self._suite, request.task, raw)
         reason: FinishReason = (
             "timeout" if state.finish == "timeout" else FINISH_REASONS.get(state.finish or "", "error")
         )
@@ -656,16 +657,16 @@ class OpenAIEngine:
         return Generation(
             key=request.key,
             raw_text=raw,
-            text=text,
+            text=ended.code,
             finish_reason=reason,
             n_prompt_tokens=n_prompt if isinstance(n_prompt, int) else None,
             n_output_tokens=n_out if isinstance(n_out, int) else None,
             ttft_s=ttft,
             tpot_s=tpot,
             e2e_s=e2e,
-            constraint_satisfied=constraint_satisfied(self._constraint, raw),
+            constraint_satisfied=constraint_satisfied(cast("Constraint | None", self._constraint), ended),
             effective_backend=self._effective,
-            error=error or extract_error,
+            error=error or ended.error,
         )
 
 

@@ -41,13 +41,17 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, ClassVar, Protocol, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
 
+from evalpipe.completion import check_suite, complete, constraint_satisfied, stop_sequences
 from evalpipe.engines.base import GenerationRequest, plan_requests
 from evalpipe.errors import RunFailed, UserError
-from evalpipe.prompting import chat_messages, check_suite, extract_completion, sample_seed
+from evalpipe.prompting import chat_messages, sample_seed
 from evalpipe.records import FinishReason, Generation, RunConfig, SampleKey, Task
 from evalpipe.suites import Suite
+
+if TYPE_CHECKING:
+    from evalpipe.constraints import Constraint
 
 VLLM_BACKENDS = ("auto", "xgrammar", "guidance", "outlines")
 """evalpipe backends that are vLLM structured-output backends (`none` sends no constraint)."""
@@ -108,14 +112,6 @@ def constraint_and_fields(suite: Suite, backend: str) -> tuple[ConstraintLike | 
     if constraint is None:
         raise UserError(f"backend {backend!r} needs a constraint, and suite {suite.name!r} has none")
     return constraint, structured_outputs_fields(constraint, backend)
-
-
-def constraint_satisfied(constraint: ConstraintLike | None, raw_text: str) -> bool | None:
-    """Whether the model's raw output satisfies the constraint, checked apart from any backend."""
-    if constraint is None:
-        return None
-    module = import_module("evalpipe.constraints")
-    return bool(module.satisfies(constraint, raw_text))
 
 
 def schema_object(schema: object) -> dict[str, Any]:
@@ -222,6 +218,8 @@ def sampling_kwargs(
         "max_tokens": config.max_tokens if max_tokens is None else max_tokens,
         "seed": seed,
         "stop": list(stop) or None,
+        # The output shows where it ended, so that `evalpipe.completion` cuts every arm at the same place.
+        "include_stop_str_in_output": bool(stop),
         "structured_outputs": dict(structured_outputs) if structured_outputs else None,
     }
 
@@ -281,7 +279,7 @@ class VLLMEngine:
         self._config, self._suite, self._model, self._backend = config, suite, model, backend
         check_suite(suite)
         self._constraint, self._fields = constraint_and_fields(suite, backend)
-        self._stops = tuple(suite.prompt.stop) if self._fields is None else ()
+        self._stops = stop_sequences(suite)  # in every arm: see evalpipe.completion
         args = engine_args_of(config)
         try:
             self._warmups = int(args.pop("warmup", str(DEFAULT_WARMUPS)))
@@ -427,7 +425,7 @@ class VLLMEngine:
     def _record(self, request: GenerationRequest, param: Any, output: Any) -> Generation:
         completion = output.outputs[0]
         raw = str(completion.text)
-        text, extract_error = extract_completion(self._suite, raw, constrained=self._fields is not None)
+        ended = complete(self._suite, request.task, raw)
         n_out = len(completion.token_ids)
         ttft, tpot, e2e = timings(output.metrics, n_out)
         reason, error = finish_reason(completion.finish_reason)
@@ -436,16 +434,16 @@ class VLLMEngine:
         return Generation(
             key=request.key,
             raw_text=raw,
-            text=text,
+            text=ended.code,
             finish_reason=reason,
             n_prompt_tokens=len(output.prompt_token_ids) if output.prompt_token_ids is not None else None,
             n_output_tokens=n_out,
             ttft_s=ttft,
             tpot_s=tpot,
             e2e_s=e2e,
-            constraint_satisfied=constraint_satisfied(self._constraint, raw),
+            constraint_satisfied=constraint_satisfied(cast("Constraint | None", self._constraint), ended),
             effective_backend=effective,
-            error=error or extract_error,
+            error=error or ended.error,
         )
 
 

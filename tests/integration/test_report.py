@@ -79,7 +79,7 @@ def _timed_run(tasks: list[Task], runs: Path) -> Path:
             passed = t % 4 != 0
             run.append_generation(
                 Generation(
-                    key=key, raw_text="x", text=task.canonical_solution or "", finish_reason="grammar_end",
+                    key=key, raw_text="x", text=task.canonical_solution or "", finish_reason="stop",
                     n_output_tokens=int(rng.integers(20, 200)), ttft_s=float(rng.lognormal(-3, 0.3)),
                     tpot_s=float(rng.lognormal(-4, 0.2)), e2e_s=float(rng.lognormal(0, 0.3)),
                     grammar_compile_s=0.02, constraint_satisfied=True, effective_backend="guidance",

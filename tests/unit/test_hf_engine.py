@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 from hf_support import TINY_REGEX, tiny_suite
 
+from evalpipe.completion import code_block
 from evalpipe.engines import builtin, hf
 from evalpipe.engines.builtin import build_random_model
 from evalpipe.engines.hf import HFEngine
 from evalpipe.errors import UserError
-from evalpipe.prompting import code_block
 from evalpipe.records import Generation, RunConfig, Task
 from evalpipe.suites import PromptSpec, Suite
 
@@ -75,7 +75,7 @@ def test_grammar_backends_only_produce_grammar_text(suite: Suite, model_dir: Pat
     generations = run(suite, model_dir, backend, n_samples=2, temperature=1.0)
     assert len(generations) == 2 * len(TASKS)
     for g in generations:
-        assert g.finish_reason == "grammar_end", g
+        assert g.finish_reason == "stop", g
         assert TINY_REGEX.fullmatch(g.text), g.text  # our own check, independent of both backends
         assert g.text == g.raw_text
         assert g.constraint_satisfied is True
@@ -110,7 +110,9 @@ def test_none_backend_stops_at_stop_sequences(tmp_path: Path, model_dir: Path) -
     stopping = Suite(name="stopping", prompt=PromptSpec(stop=(stop,)), path=str(tmp_path / "s.toml"))
     again = run(stopping, model_dir, "none", tasks=[TASKS[0]], max_tokens=12)[0]
     assert again.finish_reason == "stop"
-    assert again.text == first.raw_text[: first.raw_text.index(stop)]
+    # The code ends where the stop sequence starts, keeping the newline a stop sequence may begin with.
+    code_end = first.raw_text.index(stop) + stop.startswith("\n")
+    assert again.text == first.raw_text[:code_end]
     assert stop in again.raw_text and again.raw_text.startswith(again.text)
 
 
@@ -181,7 +183,7 @@ def test_xgrammar_compiled_grammar_is_cached_on_disk(
         assert second.describe()["grammar_cache_hit"] is True
         assert list((cache / "xgrammar").glob("*.json"))
         [g] = list(second.generate(second.plan(TASKS[:1])))
-        assert g.grammar_cache_hit is True and g.finish_reason == "grammar_end"
+        assert g.grammar_cache_hit is True and g.finish_reason == "stop"
     finally:
         first.close()
         second.close()
@@ -190,7 +192,7 @@ def test_xgrammar_compiled_grammar_is_cached_on_disk(
 def test_auto_picks_a_backend_and_records_it(suite: Suite, model_dir: Path) -> None:
     [g] = run(suite, model_dir, "auto", tasks=TASKS[:1])
     assert g.key.backend == "auto" and g.effective_backend in {"xgrammar", "guidance"}
-    assert g.finish_reason == "grammar_end"
+    assert g.finish_reason == "stop"
 
 
 def test_chat_prompts_use_the_template_and_extract_the_code_block(tmp_path: Path, model_dir: Path) -> None:

@@ -86,10 +86,13 @@ def test_sampling_kwargs() -> None:
     )
     assert kwargs == {
         "n": 1, "temperature": 0.2, "top_p": 0.9, "max_tokens": 64, "seed": 5, "stop": ["\ndef "],
-        "structured_outputs": None,
+        "include_stop_str_in_output": True, "structured_outputs": None,
     }  # fmt: skip
-    constrained = sampling_kwargs(config(), seed=1, structured_outputs={"grammar": "g"}, max_tokens=8)
-    assert constrained["stop"] is None and constrained["max_tokens"] == 8
+    constrained = sampling_kwargs(
+        config(), seed=1, stop=["\ndef "], structured_outputs={"grammar": "g"}, max_tokens=8
+    )
+    assert constrained["stop"] == ["\ndef "] and constrained["include_stop_str_in_output"] is True
+    assert constrained["max_tokens"] == 8
     assert constrained["structured_outputs"] == {"grammar": "g"}
 
 
@@ -226,7 +229,7 @@ def test_the_engine_builds_requests_and_records_from_vllms_outputs(
     assert [g.key.task_id for g in out] == ["T/2", "T/1", "T/0"]  # as vLLM finishes them
     sent = llm.added[2:]
     assert [prompt for _, prompt, _ in sent] == [{"prompt": "p0"}, {"prompt": "p1"}, {"prompt": "p2"}]
-    assert all(p.structured_outputs.grammar == TINY_LARK and p.stop is None for _, _, p in sent)
+    assert all(p.structured_outputs.grammar == TINY_LARK and p.stop is None for _, _, p in sent)  # no stops
     assert len({p.seed for _, _, p in sent}) == 3
     for generation in out:
         assert generation.effective_backend == ("xgrammar" if backend == "auto" else "guidance")
