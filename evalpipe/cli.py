@@ -30,11 +30,20 @@ from evalpipe.compare import compare_command
 from evalpipe.errors import EvalpipeError, UserError
 from evalpipe.executor import Executor, InlineExecutor
 from evalpipe.pipeline import RunPlan
-from evalpipe.records import ClusterConfig, Execution, Generation, RunConfig, SandboxLimits, Score
+from evalpipe.records import (
+    ClusterConfig,
+    Execution,
+    Generation,
+    LatencySummary,
+    RunConfig,
+    SandboxLimits,
+    Score,
+)
 from evalpipe.registry import BACKENDS, names
 from evalpipe.report import report_command
 from evalpipe.rundir import RunDirectory, ensure_runs_dir, list_runs
 from evalpipe.sandbox.base import Sandbox
+from evalpipe.score import truncation_warnings
 from evalpipe.sources import file_sha256
 from evalpipe.suites import available, load_suite
 
@@ -152,38 +161,80 @@ def _progress() -> Progress:
     )
 
 
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _ms(summary: LatencySummary | None, digits: int = 1) -> str:
+    return "-" if summary is None else f"{summary.p50 * 1000:.{digits}f} ms"
+
+
 def scores_table(scores: list[Score], title: str = "Scores") -> Table:
-    """One row per (model, backend): pass@k, syntax validity, and, where the run has them, constraint
-    satisfaction and latency; then the execution statuses."""
+    """One row per (model, backend): pass@k, the share cut at max tokens, syntax validity and (where the suite
+    has a constraint) constraint satisfaction, each over all samples and over the samples that ended on their
+    own ("ended"), and the execution statuses."""
     ks = sorted({k for score in scores for k in score.pass_at_k})
+    has_ending = any(score.max_tokens_rate is not None for score in scores)
     has_constraint = any(score.constraint_satisfied_rate is not None for score in scores)
-    has_latency = any(score.latency for score in scores)
     table = Table(title=title)
-    columns = ["model", "backend", "tasks", "samples", *(f"pass@{k}" for k in ks), "syntax ok"]
-    columns += ["constraint ok"] * has_constraint + ["TTFT p50", "TPOT p50", "compile"] * has_latency
+    columns = ["model", "backend", "tasks", "samples", *(f"pass@{k}" for k in ks)]
+    columns += ["max tokens"] * has_ending + ["syntax ok"] + ["ended: syntax ok"] * has_ending
+    columns += ["constraint ok"] * has_constraint
+    columns += ["ended: constraint ok"] * (has_constraint and has_ending)
     for column in columns:
         table.add_column(column, justify="left" if column in {"model", "backend"} else "right")
     table.add_column("statuses")
     for score in scores:
         cells = [score.model, score.backend, str(score.n_tasks), str(score.n_samples)]
         cells += [f"{score.pass_at_k[k]:.4f}" if k in score.pass_at_k else "-" for k in ks]
-        cells.append(f"{score.syntax_valid_rate:.1%}")
+        if has_ending:
+            cells.append(_rate(score.max_tokens_rate))
+        cells.append(_rate(score.syntax_valid_rate))
+        if has_ending:
+            cells.append(_rate(score.syntax_valid_rate_ended))
         if has_constraint:
-            rate = score.constraint_satisfied_rate
-            cells.append("-" if rate is None else f"{rate:.1%}")
-        if has_latency:
-            for name in ("ttft_s", "tpot_s"):
-                summary = score.latency.get(name)
-                cells.append("-" if summary is None else f"{summary.p50 * 1000:.1f} ms")
-            compile_s = score.grammar_compile_s
-            cells.append("-" if compile_s is None else f"{compile_s:.2f} s")
+            cells.append(_rate(score.constraint_satisfied_rate))
+            if has_ending:
+                cells.append(_rate(score.constraint_satisfied_rate_ended))
         cells.append(", ".join(f"{name} {count}" for name, count in score.status_counts.items()))
         table.add_row(*cells)
     return table
 
 
+def latency_table(scores: list[Score]) -> Table | None:
+    """One row per (model, backend) that has latency: TTFT, TPOT and the per-token mask time (the grammar's
+    overhead, beside TPOT), p50, and the grammar compile time, which no sample's latency includes."""
+    timed = [score for score in scores if score.latency]
+    if not timed:
+        return None
+    table = Table(title="Latency (p50)")
+    for column in ("model", "backend", "TTFT", "TPOT", "mask/token", "tokens/s", "grammar compile"):
+        table.add_column(column, justify="left" if column in {"model", "backend"} else "right")
+    for score in timed:
+        speed = score.latency.get("tokens_per_s")
+        table.add_row(
+            score.model,
+            score.backend,
+            _ms(score.latency.get("ttft_s")),
+            _ms(score.latency.get("tpot_s")),
+            _ms(score.latency.get("mask_s_per_token"), 3),
+            "-" if speed is None else f"{speed.p50:.0f}",
+            "-" if score.grammar_compile_s is None else f"{score.grammar_compile_s:.2f} s",
+        )
+    return table
+
+
+def _print_tables(scores: list[Score], title: str) -> None:
+    out.print(scores_table(scores, title=title))
+    latency = latency_table(scores)
+    if latency is not None:
+        out.print(latency)
+    for line in truncation_warnings(scores):
+        err.print(f"[yellow]warning:[/] {line}", soft_wrap=True)
+
+
 def _print_scores(run: RunDirectory, scores: list[Score]) -> None:
-    out.print(scores_table(scores, title=f"{run.path.name}"))
+    _print_tables(scores, title=f"{run.path.name}")
     errors = sum(score.status_counts.get("sandbox_error", 0) for score in scores)
     if errors:
         err.print(f"[yellow]{errors} sample(s) ended in sandbox_error: the sandbox, not the model, failed[/]")
@@ -481,7 +532,7 @@ def show(run_dir: Annotated[Path, typer.Argument(help="A run directory")]) -> No
     out.print(table)
     scores = run_.scores()
     if scores:
-        out.print(scores_table(scores))
+        _print_tables(scores, title="Scores")
     else:
         out.print(f"no scores yet: run `evalpipe score {run_dir}`")
 

@@ -196,6 +196,17 @@ class Arm:
     judged: Ints
     """Samples per task with a constraint verdict (constraint_satisfied not None)."""
     satisfied: Ints
+    generated: Ints
+    """Generated samples per task that say how they ended (not replayed)."""
+    cut: Ints
+    """Samples per task cut at max tokens (finish_reason `length`)."""
+    ended: Ints
+    """Executed samples per task that ended on their own (finish_reason `stop`)."""
+    ended_valid: Ints
+    """... of which syntax-valid."""
+    ended_judged: Ints
+    """Samples per task that ended on their own and have a constraint verdict."""
+    ended_satisfied: Ints
     first: npt.NDArray[np.int8]
     """Outcome of sample index 0 per task: 1 passed, 0 failed, -1 no such sample."""
     series: dict[str, tuple[Floats, Ints]]
@@ -351,6 +362,11 @@ def _build_arm(
     at = np.array([position[g.key.task_id] for g in own], dtype=np.int64)
     verdict = np.array([g.constraint_satisfied for g in own], dtype=np.float64)  # None → NaN
     judged = ~np.isnan(verdict)
+    reasons = [g.finish_reason for g in own]
+    told = np.array([reason != "replayed" for reason in reasons], dtype=np.int64)
+    stopped = np.array([reason == "stop" for reason in reasons], dtype=np.int64)
+    ended_keys = {(g.key.task_id, g.key.index) for g in own if g.finish_reason == "stop"}
+    ended_run = np.array([(e.key.task_id, e.key.index) in ended_keys for e in kept], dtype=np.int64)
     e2e = np.array([g.e2e_s for g in own], dtype=np.float64)
     tokens = np.array([g.n_output_tokens for g in own], dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -372,6 +388,12 @@ def _build_arm(
         valid=per_task(np.array([e.syntax_valid for e in kept], dtype=np.int64)),
         judged=per_task(judged.astype(np.int64), at),
         satisfied=per_task(np.nan_to_num(verdict).astype(np.int64), at),
+        generated=per_task(told, at),
+        cut=per_task(np.array([reason == "length" for reason in reasons], dtype=np.int64), at),
+        ended=per_task(ended_run),
+        ended_valid=per_task(ended_run * np.array([e.syntax_valid for e in kept], dtype=np.int64)),
+        ended_judged=per_task((judged & (stopped == 1)).astype(np.int64), at),
+        ended_satisfied=per_task((np.nan_to_num(verdict) * stopped).astype(np.int64), at),
         first=first, series=series, executions=kept, left_out=sorted(left_out),
     )  # fmt: skip
 
@@ -735,6 +757,21 @@ def _metrics(aligned: Aligned, counts: Floats) -> list[_Metric]:
             "constraint_satisfied", "constraint satisfied", "rate", True,
             [(arm.satisfied.astype(np.float64), arm.judged.astype(np.float64)) for arm in arms],
         )  # fmt: skip
+    if any(arm.generated.sum() for arm in arms):
+        # How the samples ended: cut at max tokens, and the rates over those that ended on their own.
+        ratio(
+            "max_tokens", "ended by max tokens", "rate", False,
+            [(arm.cut.astype(np.float64), arm.generated.astype(np.float64)) for arm in arms],
+        )  # fmt: skip
+        ratio(
+            "syntax_valid_ended", "syntax valid (ended)", "rate", True,
+            [(arm.ended_valid.astype(np.float64), arm.ended.astype(np.float64)) for arm in arms],
+        )  # fmt: skip
+        if any(arm.ended_judged.sum() for arm in arms):
+            ratio(
+                "constraint_satisfied_ended", "constraint satisfied (ended)", "rate", True,
+                [(a.ended_satisfied.astype(np.float64), a.ended_judged.astype(np.float64)) for a in arms],
+            )  # fmt: skip
     for name, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "e2e")):
         if not any(arm.series[name][0].size for arm in arms):
             continue

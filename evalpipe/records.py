@@ -134,6 +134,14 @@ class Score(Record):
     """task_id → (n samples, c correct): enough to recompute pass@k for any k ≤ n."""
     syntax_valid_rate: float
     constraint_satisfied_rate: float | None = None
+    max_tokens_rate: float | None = None
+    """Share of the samples that were cut at max tokens (finish_reason `length`); None for replayed ones."""
+    n_ended: int | None = None
+    """Samples that ended on their own (finish_reason `stop`): the rates below are over these."""
+    syntax_valid_rate_ended: float | None = None
+    """Syntax validity over the samples that ended on their own (None where none did)."""
+    constraint_satisfied_rate_ended: float | None = None
+    """Constraint satisfaction over the samples that ended on their own (None where none did)."""
     status_counts: dict[str, int]
     finish_reasons: dict[str, int] = Field(default_factory=dict)
     latency: dict[str, LatencySummary] = Field(default_factory=dict)

@@ -133,10 +133,14 @@ def _rate_plots(result: CompareResult) -> list[tuple[str, str]]:
     plots.append(
         (_png(figure), "pass@k per model and backend; error bars: 95% paired bootstrap CI over tasks.")
     )
-    rate_rows = [row for row in result.metrics if row.name in {"syntax_valid", "constraint_satisfied"}]
+    shown: tuple[str, ...] = ("max_tokens", "syntax_valid", "syntax_valid_ended")
+    shown += ("constraint_satisfied", "constraint_satisfied_ended")
+    rate_rows = sorted(
+        (row for row in result.metrics if row.name in shown), key=lambda row: shown.index(row.name)
+    )
     figure = Figure(figsize=(max(6.0, 2.2 + 1.6 * len(rate_rows) * max(1, len(arms) / 2)), 3.6))
     axes = figure.add_subplot()
-    _bars(axes, rate_rows, arms, "syntax validity and constraint satisfaction")
+    _bars(axes, rate_rows, arms, "ending, syntax validity and constraint satisfaction")
     axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=legend_columns, frameon=False)
     missing = [
         value.arm for row in rate_rows if row.name == "constraint_satisfied" for value in row.values
@@ -149,6 +153,11 @@ def _rate_plots(result: CompareResult) -> list[tuple[str, str]]:
             caption += f" (no constraint for {', '.join(missing)})"
     else:
         caption += "; no arm has a constraint verdict"
+    if any(row.name == "max_tokens" for row in rate_rows):
+        caption += (
+            "; first the share cut at max tokens, and each rate also over the samples that ended on their "
+            "own (ended)"
+        )
     plots.append((_png(figure), caption + "; error bars: 95% CI."))
     return plots
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -75,6 +76,7 @@ def score_runs(
         }
         gens = gens_by_pair.get((model, backend), [])
         satisfied = [g.constraint_satisfied for g in gens if g.constraint_satisfied is not None]
+        ending = _ending(gens, rows)
         latency = {
             name: summary
             for name, summary in (
@@ -97,6 +99,7 @@ def score_runs(
                 per_task=per_task,
                 syntax_valid_rate=float(np.mean([r.syntax_valid for r in rows])),
                 constraint_satisfied_rate=float(np.mean(satisfied)) if satisfied else None,
+                **ending,
                 status_counts=dict(sorted(Counter(r.status for r in rows).items())),
                 finish_reasons=dict(sorted(Counter(g.finish_reason for g in gens).items())),
                 latency=latency,
@@ -104,6 +107,38 @@ def score_runs(
             )
         )
     return scores
+
+
+def _ending(generations: Sequence[Generation], executions: Sequence[Execution]) -> dict[str, Any]:
+    """How the samples ended: the share cut at max tokens, and syntax validity and constraint satisfaction
+    over the samples that ended on their own (a cut sample is invalid whatever the backend did)."""
+    if not generations or all(g.finish_reason == "replayed" for g in generations):
+        return {}
+    ended = {g.key.as_tuple(): g for g in generations if g.finish_reason == "stop"}
+    valid = [e.syntax_valid for e in executions if e.key.as_tuple() in ended]
+    satisfied = [g.constraint_satisfied for g in ended.values() if g.constraint_satisfied is not None]
+    return {
+        "max_tokens_rate": float(np.mean([g.finish_reason == "length" for g in generations])),
+        "n_ended": len(ended),
+        "syntax_valid_rate_ended": float(np.mean(valid)) if valid else None,
+        "constraint_satisfied_rate_ended": float(np.mean(satisfied)) if satisfied else None,
+    }
+
+
+MAX_TOKENS_WARNING = 0.25
+"""An arm cut at max tokens on more than this share of its samples gets a warning: its rates mostly measure
+where it was cut."""
+
+
+def truncation_warnings(scores: Sequence[Score]) -> list[str]:
+    """One line per arm that hit max tokens on more than a quarter of its samples."""
+    return [
+        f"{score.model}/{score.backend} hit max tokens on {score.max_tokens_rate:.0%} of its samples "
+        f"(more than {MAX_TOKENS_WARNING:.0%}): its syntax and constraint rates mostly measure truncation; "
+        "see the rates over samples that ended on their own, or raise --max-tokens"
+        for score in scores
+        if score.max_tokens_rate is not None and score.max_tokens_rate > MAX_TOKENS_WARNING
+    ]
 
 
 def _tokens_per_s(generation: Generation) -> float | None:

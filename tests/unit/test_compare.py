@@ -67,6 +67,7 @@ class Sample:
     tokens: int | None = None
     compile_s: float | None = None
     satisfied: bool | None = None
+    finish: str = "stop"
 
 
 Arms = dict[tuple[str, str], dict[str, list[Sample]]]
@@ -120,7 +121,7 @@ def make_run(
                 key = SampleKey(model=model, backend=backend, task_id=task_id, index=index)
                 run.append_generation(
                     Generation(
-                        key=key, raw_text="x", text=f"    return {index}\n", finish_reason="stop",
+                        key=key, raw_text="x", text=f"    return {index}\n", finish_reason=sample.finish,
                         n_output_tokens=sample.tokens, ttft_s=sample.ttft, tpot_s=sample.tpot,
                         e2e_s=sample.e2e,
                         grammar_compile_s=sample.compile_s, constraint_satisfied=sample.satisfied,
@@ -385,15 +386,37 @@ def test_replayed_runs_have_no_latency_rows(tmp_path: Path) -> None:
     b = make_run(tmp_path, "run-b", {("m", "guidance"): timed})
     names = [row.name for row in compare_runs([a, b], bootstrap=100).metrics]
     assert names == [
-        "pass@1", "syntax_valid", "constraint_satisfied", "ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90",
-        "e2e_p50", "e2e_p90", "grammar_compile_mean", "tokens_per_s_mean",
+        "pass@1", "syntax_valid", "constraint_satisfied", "max_tokens", "syntax_valid_ended",
+        "constraint_satisfied_ended", "ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90", "e2e_p50", "e2e_p90",
+        "grammar_compile_mean", "tokens_per_s_mean",
     ]  # fmt: skip
     result = compare_runs([a, b], bootstrap=100)
     ttft = next(row for row in result.metrics if row.name == "ttft_p50")
     assert ttft.values[0].value is None and ttft.values[0].ci_low is None
     assert ttft.values[1].value == pytest.approx(0.1) and ttft.values[1].delta is None
     c = make_run(tmp_path, "run-c", {("m", "none"): simple(IDS, [False] * 12)})
-    assert [row.name for row in compare_runs([a, c], bootstrap=100).metrics] == ["pass@1", "syntax_valid"]
+    assert [row.name for row in compare_runs([a, c], bootstrap=100).metrics] == [
+        "pass@1", "syntax_valid", "max_tokens", "syntax_valid_ended",
+    ]  # fmt: skip
+
+
+def test_samples_cut_at_max_tokens_are_a_metric_and_the_ended_rates_leave_them_out(tmp_path: Path) -> None:
+    """The max-tokens share is compared with its CI; syntax validity and constraint satisfaction are also
+    compared over the samples that ended on their own."""
+    cut = Sample(passed=False, valid=False, satisfied=False, finish="length")
+    ended = Sample(passed=False, valid=True, satisfied=True)
+    free = {t: [cut if i % 2 else ended] for i, t in enumerate(IDS)}  # half of the tasks cut
+    constrained = {t: [ended] for t in IDS}
+    run = make_run(tmp_path, "run", {("m", "none"): free, ("m", "guidance"): constrained})
+    rows = {row.name: row for row in compare_runs([run], bootstrap=200).metrics}
+    none, guidance = rows["max_tokens"].values
+    assert none.value == pytest.approx(0.5) and guidance.value == 0.0
+    assert guidance.delta == pytest.approx(-0.5) and guidance.significant
+    assert none.ci_low is not None and none.ci_high is not None and none.ci_low < 0.5 < none.ci_high
+    assert rows["syntax_valid"].values[0].value == pytest.approx(0.5)
+    assert rows["syntax_valid_ended"].values[0].value == 1.0  # the cut samples are left out
+    assert rows["constraint_satisfied_ended"].values[0].value == 1.0
+    assert rows["max_tokens"].higher_is_better is False
 
 
 # -- comparability -----------------------------------------------------------------------------------------

