@@ -389,11 +389,11 @@ def _run(config: RunConfig, cluster: ClusterConfig, resume: Path | None) -> None
     executor: Executor | None = None
     try:
         plan = pipeline.prepare(config, cluster)
-        if sandbox is not None:
-            warn_if_development(config.sandbox)
         try:
             if existing is not None:
                 pipeline.check_resumable(existing, plan)
+            if sandbox is not None:
+                warn_if_development(config.sandbox)
             executor = make_executor(plan, sandbox)
             # What is alive now (imported modules, tasks, engines) lives as long as the run. Frozen, it is
             # left out of CPython's full collections, which otherwise traverse it again and again: without

@@ -24,8 +24,10 @@ from evalpipe import __version__
 from evalpipe.engines.base import Engine, EngineFactory, GenerationRequest, plan_requests, plans_from_config
 from evalpipe.errors import EvalpipeError, RunFailed, UserError
 from evalpipe.executor import Executor
+from evalpipe.fingerprint import describe_changes, run_fingerprints
 from evalpipe.program import assemble, sha256, syntax_valid
 from evalpipe.records import (
+    TRANSPORT_FIELDS,
     ClusterConfig,
     Execution,
     Generation,
@@ -84,10 +86,12 @@ class RunPlan:
     alone (those are built only inside the replicas)."""
     requests: list[GenerationRequest]
     grammar_sha256: dict[str, str] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    """Suite file, constraint files and models: part of the identity (`evalpipe.fingerprint`)."""
 
     @property
     def identity(self) -> str:
-        return self.config.identity(self.dataset_sha256)
+        return self.config.identity(self.dataset_sha256, self.fingerprints)
 
     def close(self) -> None:
         engines, self.engines = self.engines, {}
@@ -158,7 +162,10 @@ def prepare(config: RunConfig, cluster: ClusterConfig) -> RunPlan:
         raise UserError("nothing to run: no samples for the selected tasks")
     _check_ks(config, requests)
     grammar_sha = dict(constraint.sha256) if constraint is not None else {}
-    return RunPlan(config, cluster, suite, tasks, dataset_sha, pairs, engines, requests, grammar_sha)
+    fingerprints = run_fingerprints(suite, config.models, generating=plans_from_config(factory))
+    return RunPlan(
+        config, cluster, suite, tasks, dataset_sha, pairs, engines, requests, grammar_sha, fingerprints
+    )
 
 
 def _check_ks(config: RunConfig, requests: Sequence[GenerationRequest]) -> None:
@@ -222,6 +229,7 @@ def new_manifest(plan: RunPlan, executor: Executor, run_id: str) -> Manifest:
         suite=plan.suite.name,
         dataset_sha256=plan.dataset_sha256,
         grammar_sha256=plan.grammar_sha256,
+        fingerprints=plan.fingerprints,
         package_versions=package_versions(),
         hardware=hardware(),
         sandbox=sandbox_info,
@@ -238,16 +246,23 @@ def run_id_for(plan: RunPlan) -> str:
 
 
 def check_resumable(run: RunDirectory, plan: RunPlan) -> None:
-    """Refuse to resume a run whose identity differs from the plan's, saying what differs."""
+    """Refuse to resume a run whose identity differs from the plan's, naming what changed."""
     manifest = run.manifest
     if manifest.identity == plan.identity:
         return
     old, new = run.config.model_dump(mode="json"), plan.config.model_dump(mode="json")
-    differs = [name for name in new if old.get(name) != new.get(name) and name != "samples_path"]
+    differs = [
+        f"option {name}" for name in new if old.get(name) != new.get(name) and name not in TRANSPORT_FIELDS
+    ]
     if manifest.dataset_sha256 != plan.dataset_sha256:
-        differs.append("dataset")
+        differs.append("the dataset changed")
+    if not manifest.fingerprints:
+        differs.append("it was made by an older evalpipe that did not record its files' fingerprints")
+    else:
+        differs += describe_changes(manifest.fingerprints, plan.fingerprints)
     raise UserError(
-        f"cannot resume {run.path}: it was made with a different configuration ({', '.join(differs) or '?'})"
+        f"cannot resume {run.path}: {'; '.join(differs) or 'its identity differs'} since it was made "
+        "(start a new run instead)"
     )
 
 

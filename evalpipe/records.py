@@ -186,16 +186,24 @@ class RunConfig(Record):
     """The `openai` engine's server (`--base-url`); where it listens does not change results, so it is not
     part of the identity and a resume may point elsewhere."""
 
-    def identity(self, dataset_sha256: str) -> str:
-        """Hash of the config and the dataset: a run can only be resumed under the same identity."""
+    def identity(self, dataset_sha256: str, fingerprints: dict[str, str] | None = None) -> str:
+        """Hash of everything that changes the run's samples: the config, the dataset and the fingerprints of
+        the suite file, constraint files and models (`evalpipe.fingerprint`). Options that only say where
+        things are or what to report (`samples_path`, `base_url`, `ks`) are left out. A run can only be
+        resumed under the same identity."""
         payload = json.dumps(
             {
-                "config": self.model_dump(mode="json", exclude={"samples_path", "base_url"}),
+                "config": self.model_dump(mode="json", exclude=set(TRANSPORT_FIELDS)),
                 "dataset": dataset_sha256,
+                "fingerprints": fingerprints or {},
             },
             sort_keys=True,
         )
         return hashlib.sha256(payload.encode()).hexdigest()
+
+
+TRANSPORT_FIELDS = frozenset({"samples_path", "base_url", "ks"})
+"""RunConfig fields that do not change a run's samples: not part of its identity, may change on resume."""
 
 
 class ClusterConfig(Record):
@@ -232,6 +240,8 @@ class Manifest(Record):
     suite: str
     dataset_sha256: str
     grammar_sha256: dict[str, str] = Field(default_factory=dict)
+    fingerprints: dict[str, str] = Field(default_factory=dict)
+    """What else the identity covers: suite file, constraint files and models (`evalpipe.fingerprint`)."""
     package_versions: dict[str, str | None]
     hardware: dict[str, Any]
     sandbox: dict[str, Any]

@@ -151,7 +151,35 @@ def test_resume_refuses_another_configuration(cli: Callable[..., CliResult], tmp
     code, _, err = cli("run", "humaneval", "--engine", "reference", "--sandbox", "process", "--limit", "4",
                        "--resume", run.path)  # fmt: skip
     assert code == 2
-    assert "different configuration (limit)" in err
+    assert "option limit" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_refuses_a_run_whose_grammar_file_changed(
+    cli: Callable[..., CliResult], tmp_path: Path
+) -> None:
+    """The grammar (like the suite file and the model) is part of the run's identity: after an edit, a resume
+    would mix samples made under two grammars, so it is refused with one line that names the file."""
+    import shutil
+
+    from evalpipe.paths import tasks_dir
+
+    suite = tmp_path / "suite"
+    shutil.copytree(tasks_dir() / "grammars", suite / "grammars")
+    shutil.copy(tasks_dir() / "humaneval.toml", suite / "humaneval.toml")
+    runs = tmp_path / "runs"
+    code, _, err = cli("run", suite / "humaneval.toml", "--engine", "reference", "--sandbox", "process",
+                       "--limit", "2", "--runs-dir", runs)  # fmt: skip
+    assert code == 0, err
+    run = _only_run(runs)
+    assert run.manifest.fingerprints.keys() >= {"suite", "constraint:grammars/python_body.lark"}
+    code, _, err = cli("resume", run.path)
+    assert code == 0, err  # nothing changed: the resume goes through
+    lark = suite / "grammars" / "python_body.lark"
+    lark.write_text(lark.read_text() + "// edited\n")
+    code, _, err = cli("resume", run.path)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert "the constraint file grammars/python_body.lark changed" in err
 
 
 def test_score_show_and_ls(cli: Callable[..., CliResult], tmp_path: Path) -> None:
