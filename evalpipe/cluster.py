@@ -12,6 +12,10 @@ All Ray code of evalpipe lives here (metrics in `evalpipe.telemetry`). What runs
 - `SandboxWorker` actors, named `sandbox/<i>`, each owning a one-runner sandbox of the run's kind, spread over
   the nodes (SPREAD); as many as `--workers`, else the cluster's CPUs. Where the cluster defines the custom
   resource `evalpipe_sandbox` (see deploy/), they go only to nodes that have it.
+- Replicas of different arms that compute on the same device (a node's CPUs, the same GPU) take turns,
+  batch by batch and round robin, one call in flight per device: arms whose latencies are compared never
+  contend for a device, and each sees the same background load. Replicas on devices of their own (a GPU
+  each, on a cluster) run at once.
 - The driver (this process) keeps at most `CALLS_PER_ACTOR` calls in flight per actor, with small batches
   (at most `max_batch` requests, smaller when the queue is short so every actor gets work), and hands
   every generated sample to a sandbox worker at once: execution overlaps generation. One `ray.wait` loop
@@ -125,7 +129,8 @@ class GenerationReplica:
         """Where this replica runs, once its engine is built."""
         engine = self._built()
         context = ray.get_runtime_context()
-        return {"pid": os.getpid(), "node_id": context.get_node_id(), **engine.describe()}
+        gpu_ids = [str(gpu) for gpu in ray.get_gpu_ids()]
+        return {"pid": os.getpid(), "node_id": context.get_node_id(), "gpu_ids": gpu_ids, **engine.describe()}
 
     def generate(self, keys: list[Key]) -> list[Generation]:
         """Generate the samples with these keys. Only keys travel: the tasks came with the RunSpec, and
@@ -181,6 +186,20 @@ class SandboxWorker:
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
+def device_key(ready: dict[str, Any]) -> str | None:
+    """The device a replica computes on, from its `ready()`: the node's CPUs, or the GPUs Ray gave it (all
+    the node's GPUs when Ray gave it none but the engine uses CUDA). None where the engine names no device
+    (the `openai` engine: its server computes)."""
+    device = ready.get("device")
+    if not isinstance(device, str) or not device:
+        return None
+    node = ready.get("node_id", "?")
+    if device.startswith("cuda"):
+        gpus = ready.get("gpu_ids") or []
+        return f"{node}/cuda:{','.join(map(str, gpus))}" if gpus else f"{node}/cuda"
+    return f"{node}/{device}"
+
+
 def has_ray_default() -> bool:
     """Whether `ray[default]` (dashboard, metrics agent) is installed, not just the core."""
     return all(importlib.util.find_spec(name) is not None for name in ("aiohttp", "prometheus_client"))
@@ -295,6 +314,9 @@ class _Slot:
     incarnation: int = 0
     in_flight: int = 0
     restarts: int = 0
+    device: str | None = None
+    """Where a replica's engine computes (`node/cpu`, `node/cuda:0`), from its `ready()`; None for engines
+    that compute elsewhere (a server). Arms that share a device take turns: see `_State.submit`."""
 
 
 @dataclass(eq=False)
@@ -314,6 +336,7 @@ class RayExecutor:
         self._max_batch = max_batch
         self._closed = False
         self._slots: list[_Slot] = []
+        self._engine_info: dict[str, dict[str, Any]] | None = None
         try:
             self._owns_ray = connect(plan.cluster)
         except Exception as error:  # one line for the user, not a Ray traceback
@@ -426,7 +449,13 @@ class RayExecutor:
         return {**info, "workers": self.workers, "executor": "ray: one single-runner sandbox per actor"}
 
     def engine_info(self) -> dict[str, dict[str, Any]]:
-        """Waits until every replica has built its engine; the first replica's `describe()` per pair."""
+        """Waits until every replica has built its engine; the first replica's `describe()` per pair.
+        Asked once: it also learns where each replica computes (`_Slot.device`)."""
+        if self._engine_info is None:
+            self._engine_info = self._ready()
+        return self._engine_info
+
+    def _ready(self) -> dict[str, dict[str, Any]]:
         refs = {slot.handle.ready.remote(): slot for slot in self._replicas}
         ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=30.0)
         if len(ready) < len(refs):
@@ -440,6 +469,7 @@ class RayExecutor:
             except RayActorError as error:
                 raise RunFailed(f"{slot.name} could not start: {_first_line(error)}") from None
             assert slot.pair is not None
+            slot.device = device_key(described)
             info.setdefault(f"{slot.pair[0]}/{slot.pair[1]}", described)
         return info
 
@@ -447,6 +477,7 @@ class RayExecutor:
         self, requests: Sequence[GenerationRequest], pending: Sequence[Job], on_generation: OnGeneration
     ) -> Iterator[tuple[Job, JobResult]]:
         """Generate `requests` on the replicas and execute every sample and `pending` job, overlapped."""
+        self.engine_info()  # where each replica computes decides which arms take turns
         return self._dispatch(requests, pending, on_generation)
 
     def generate_only(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
@@ -456,6 +487,7 @@ class RayExecutor:
         def keep(generation: Generation) -> None:
             generations.append(generation)
 
+        self.engine_info()
         for _ in self._dispatch(requests, (), keep):
             pass
         return generations
@@ -544,13 +576,47 @@ class _State:
         self.lost_with_worker: dict[Key, int] = {}
         self.pair_restarts: dict[Pair, int] = {}
         self.expected = len(requests) + len(pending)
+        self.turns = self._turns()
+
+    def _turns(self) -> dict[str, deque[_Slot]]:
+        """Replicas of different arms (model, backend) that compute on the same device, by device, in turn
+        order. Their latencies are compared with each other, so they must not contend for the device: they
+        take turns batch by batch (one call in flight per device), round robin, so that every arm also sees
+        the same background load (the sandbox workers beside them) over the run."""
+        by_device: dict[str, list[_Slot]] = {}
+        for slot in self.replicas:
+            if slot.device is not None:
+                by_device.setdefault(slot.device, []).append(slot)
+        return {
+            device: deque(slots)
+            for device, slots in by_device.items()
+            if len({slot.pair for slot in slots}) > 1
+        }
+
+    def _submit_in_turn(self, slots: deque[_Slot]) -> None:
+        """Send one batch to the next replica (round robin) whose arm has work, if the device is free."""
+        if any(slot.in_flight for slot in slots):
+            return
+        for _ in range(len(slots)):
+            slot = slots[0]
+            slots.rotate(-1)
+            assert slot.pair is not None
+            queue = self.queues[slot.pair]
+            if queue:
+                batch = [queue.popleft() for _ in range(min(self.executor._max_batch, len(queue)))]
+                keys = [request.key.as_tuple() for request in batch]
+                self._send(slot, _Call(slot, slot.incarnation, requests=batch), slot.handle.generate, keys)
+                return
 
     # -- sending work
     def submit(self) -> None:
+        taking_turns = {id(slot) for slots in self.turns.values() for slot in slots}
+        for slots in self.turns.values():
+            self._submit_in_turn(slots)
         for slot in self.replicas:
             assert slot.pair is not None
             queue = self.queues[slot.pair]
-            while queue and slot.in_flight < CALLS_PER_ACTOR:
+            while queue and slot.in_flight < CALLS_PER_ACTOR and id(slot) not in taking_turns:
                 free = sum(CALLS_PER_ACTOR - s.in_flight for s in self.replicas if s.pair == slot.pair)
                 size = max(1, min(self.executor._max_batch, math.ceil(len(queue) / max(1, free))))
                 batch = [queue.popleft() for _ in range(min(size, len(queue)))]

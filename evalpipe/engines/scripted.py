@@ -25,6 +25,9 @@ Configuration, read from the environment when the engine is built (inside the Ra
   O_EXCL), so only one engine ever dies for it and a restarted replica runs on. Without it, every engine
   dies each time (an engine that keeps dying).
 
+- `EVALPIPE_SCRIPTED_CALLS` (path, optional): each `generate` call appends one line `backend start end`
+  (wall-clock seconds) when it ends, so that tests can see when arms computed.
+
 Do not use `EVALPIPE_SCRIPTED_DIE_AFTER` with the inline executor: the engine then lives in, and kills, the
 driver.
 """
@@ -35,6 +38,7 @@ import os
 import re
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 from evalpipe.engines.base import GenerationRequest, plan_requests
@@ -121,6 +125,7 @@ class ScriptedEngine:
         # shortens the next request instead of adding up, like an engine whose speed the host does not set.
         # The first token still comes at least `ttft_s` after a request starts.
         due = time.perf_counter()
+        called = time.time()
         for request in requests:
             self._maybe_die()
             text = request.task.canonical_solution or ""
@@ -144,6 +149,10 @@ class ScriptedEngine:
                 e2e_s=end - start,
                 effective_backend="none",
             )
+        calls = os.environ.get("EVALPIPE_SCRIPTED_CALLS")
+        if calls:
+            with Path(calls).open("a") as log:  # one short line per call: appends do not interleave
+                log.write(f"{self._backend} {called:.6f} {time.time():.6f}\n")
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -3,6 +3,7 @@ replicas that die or are killed mid-run, an engine that keeps dying, and Ctrl-C;
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import threading
@@ -122,6 +123,30 @@ def test_matrix_runs_end_to_end_with_named_actors_and_live_metrics(
     assert "ray_evalpipe_requests_in_flight" in seen
     assert {name for name in seen if name.startswith("ray_evalpipe")} <= prometheus_series()
     assert ray_node.total("ray_evalpipe_sandbox_jobs_total") >= 20  # recorded inside the sandbox workers
+
+
+def test_arms_on_one_device_take_turns_batch_by_batch(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Arms whose latencies are compared never compute at the same time on a shared device (the scripted
+    engine says it runs on the CPU): their calls never overlap, and they alternate."""
+    calls = tmp_path / "calls.log"
+    monkeypatch.setenv("EVALPIPE_SCRIPTED_DELAY_S", "0.02")
+    monkeypatch.setenv("EVALPIPE_SCRIPTED_CALLS", str(calls))
+    code, _, err = cli(
+        *_run_args(tmp_path / "runs", "m", limit=20, backends=("guidance", "xgrammar", "none"))
+    )
+    assert code == 0, err
+    spans = sorted(
+        (float(start), float(end), backend)
+        for backend, start, end in (line.split() for line in calls.read_text().splitlines())
+    )
+    assert len(spans) >= 9  # 20 samples per arm in batches of at most 8
+    for (_, end, _), (start, _, _) in itertools.pairwise(spans):
+        assert start >= end - 1e-3, "two arms computed at the same time"
+    order = [backend for _, _, backend in spans]
+    assert order[:3] == ["guidance", "xgrammar", "none"]  # round robin, in the order given
+    assert_each_sample_once(only_run(tmp_path / "runs"), expected=3 * 20)
 
 
 def test_a_replica_killed_mid_run_loses_and_double_counts_nothing(
