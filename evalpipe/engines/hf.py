@@ -62,7 +62,7 @@ from evalpipe.engines.builtin import builtin_model_dir
 from evalpipe.errors import UserError
 from evalpipe.paths import cache_root
 from evalpipe.prompting import chat_messages, sample_seed
-from evalpipe.records import FinishReason, Generation, RunConfig, Task
+from evalpipe.records import FinishReason, Generation, RunConfig, SampleKey, Task
 from evalpipe.suites import Suite
 
 if TYPE_CHECKING:
@@ -71,6 +71,8 @@ if TYPE_CHECKING:
 GRAMMAR_BACKENDS = ("guidance", "xgrammar")
 SUPPORTED_BACKENDS = ("none", *GRAMMAR_BACKENDS, "auto")
 DEFAULT_BATCH_SIZE = 8
+WARMUP_PROMPT = "def add(a, b):\n"
+WARMUP_TOKENS = 8
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -340,6 +342,7 @@ class _Slot:
     matcher: _Matcher | None
     lead: str
     """The prompt's end, where a stop sequence at the completion's start begins (`completion.lead_of`)."""
+    max_tokens: int
     out: list[int] = field(default_factory=list)
     first_s: float | None = None
     end_s: float | None = None
@@ -384,6 +387,7 @@ class HFEngine:
         self._closed = False
         try:
             self._setup()
+            self._warm_up_s = self._warm_up()
         except BaseException:
             self.close()
             raise
@@ -466,6 +470,19 @@ class HFEngine:
             self._tokenizer_setup_s = time.perf_counter() - started
             self._grammar = _XGrammarGrammar(self._constraint, info, self._tokenizer_key())
 
+    def _warm_up(self) -> float:
+        """One short untimed generation (with the grammar) before anything is measured: the first forward
+        pass and the first masks pay for allocations and lazy set-up that no sample should be charged."""
+        started = time.perf_counter()
+        task = Task(id="warm-up", prompt=WARMUP_PROMPT, entry_point="add", test="")
+        key = SampleKey(model=self._model_name, backend=self._backend, task_id=task.id, index=0)
+        request = GenerationRequest(key=key, task=task)
+        slot = self._slot(request, self._prompt_ids(task))
+        slot.max_tokens = WARMUP_TOKENS
+        for _ in self._decode([slot]):
+            pass
+        return time.perf_counter() - started
+
     def _find_eos_ids(self) -> list[int]:
         ids: list[int] = []
         for value in (
@@ -521,6 +538,7 @@ class HFEngine:
             "batch_size": self._batch_size,
             "torch_threads": torch.get_num_threads() if self._device == "cpu" else None,
             "model_load_s": round(self._loaded.load_s, 3),
+            "warm_up_s": round(self._warm_up_s, 3),
             "tokenizer_setup_s": round(self._tokenizer_setup_s, 3),
             "grammar_compile_s": None if grammar is None else round(grammar.compile_s, 4),
             "grammar_cache_hit": None if grammar is None else grammar.cache_hit,
@@ -553,7 +571,8 @@ class HFEngine:
             seed = sample_seed(self._config.seed, request.key.task_id, request.key.index)
             generator = torch.Generator(device=self._device).manual_seed(seed)
         matcher = self._grammar.matcher() if self._grammar is not None else None
-        return _Slot(request, prompt_ids, generator, matcher, lead_of(self._suite, request.task))
+        lead = lead_of(self._suite, request.task)
+        return _Slot(request, prompt_ids, generator, matcher, lead, self._config.max_tokens)
 
     def _decode(self, slots: list[_Slot]) -> Iterator[tuple[Generation, list[int]]]:
         """Decode one batch to the end, yielding each sequence as it finishes."""
@@ -681,7 +700,7 @@ class HFEngine:
             lead = slot.lead if len(slot.out) <= self._stop_window else ""
             if find_stop(tail, self._stops, lead) is not None:
                 slot.finish = "stop"
-        if slot.finish is None and len(slot.out) >= self._config.max_tokens:
+        if slot.finish is None and len(slot.out) >= slot.max_tokens:
             slot.finish = "length"
         if slot.finish is not None:
             slot.end_s = now
