@@ -170,14 +170,13 @@ class RunConfig(Record):
     part of the identity and a resume may point elsewhere."""
 
     def identity(self, dataset_sha256: str) -> str:
-        """Hash of the config and the dataset: a run can only be resumed under the same identity."""
-        payload = json.dumps(
-            {
-                "config": self.model_dump(mode="json", exclude={"samples_path", "base_url"}),
-                "dataset": dataset_sha256,
-            },
-            sort_keys=True,
-        )
+        """Hash of the config and the dataset: a run can only be resumed under the same identity. Of the
+        engine args, only those the engine's options say change results are hashed."""
+        from evalpipe.engines.options import identity_engine_args
+
+        config = self.model_dump(mode="json", exclude={"samples_path", "base_url"})
+        config["engine_args"] = identity_engine_args(self.engine, self.engine_args)
+        payload = json.dumps({"config": config, "dataset": dataset_sha256}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
 

@@ -19,7 +19,6 @@ import httpx
 import pytest
 from hf_support import TINY_GBNF, TINY_LARK, TINY_REGEX, tiny_suite
 
-from evalpipe import registry
 from evalpipe.engines.openai import OpenAIEngine, request_body, resolve_base_url, safe_url
 from evalpipe.errors import RunFailed, UserError
 from evalpipe.prompting import CHAT_INSTRUCTION, code_block, cut_at_stop, extract_completion, json_field
@@ -464,12 +463,6 @@ def test_the_hf_engine_agrees_with_the_shared_helpers() -> None:
 # -- through the CLI: a wrong key, a server that goes away, resume -------------------------------------------
 
 
-@pytest.fixture
-def openai_registered(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The registry entry issue 5 asks for, until registry.py has it."""
-    monkeypatch.setitem(registry._BUILTIN["engine"], "openai", "evalpipe.engines.openai:OpenAIEngine")
-
-
 def _run_args(runs: Path) -> list[str]:
     return [
         "run", "humaneval", "--engine", "openai", "--model", MODEL, "--backend", "none", "--limit", "3",
@@ -477,7 +470,6 @@ def _run_args(runs: Path) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.mark.usefixtures("openai_registered")
 def test_cli_wrong_key_is_one_line_and_leaves_no_run(
     server: RunningServer, cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -489,7 +481,6 @@ def test_cli_wrong_key_is_one_line_and_leaves_no_run(
     assert not list((tmp_path / "runs").glob("*/manifest.json"))
 
 
-@pytest.mark.usefixtures("openai_registered")
 def test_cli_server_going_away_mid_run_fails_cleanly_and_resumes(
     backend: ScriptedBackend,
     server: RunningServer,

