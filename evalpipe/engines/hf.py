@@ -32,6 +32,7 @@ Timing (what each Generation reports), for a sequence in a batch:
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import importlib.util
@@ -43,7 +44,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, Self, cast
 
 import llguidance
 import llguidance.hf
@@ -549,6 +550,21 @@ class HFEngine:
             "grammar_cache_path": None if grammar is None else grammar.cache_path,
             "versions": package_versions("torch", "transformers", "llguidance", "xgrammar"),
         }
+
+    def with_sampling(
+        self, *, temperature: float, top_p: float, max_tokens: int, seed: int, stop: Sequence[str]
+    ) -> Self:
+        """This engine for other sampling settings and stop sequences (`evalpipe serve`: per request): the
+        same loaded model and compiled grammar, so nothing is loaded or compiled again. The view owns
+        neither: closing it releases nothing, and it keeps working if this engine is closed meanwhile."""
+        view = copy.copy(self)
+        view._config = self._config.model_copy(
+            update={"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed}
+        )
+        view._stops = tuple(stop)
+        view._stop_window = max((len(s) for s in view._stops), default=0) + 1
+        view._closed = True
+        return view
 
     def close(self) -> None:
         # Idempotent: the pipeline may close an engine that failed half-way, and close it again.
