@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import ray
-from ray.exceptions import ActorAlreadyExistsError, RayActorError, RayTaskError
+from ray.exceptions import ActorAlreadyExistsError, AuthenticationError, RayActorError, RayTaskError
 
 from evalpipe.engines.base import Engine, EngineFactory, GenerationRequest
 from evalpipe.errors import EvalpipeError, RunFailed, UserError
@@ -220,7 +220,7 @@ def connect(cluster: ClusterConfig) -> bool:
     address = cluster.ray_address or os.environ.get("RAY_ADDRESS")
     try:
         ray.init(address=cluster.ray_address, logging_level=logging.WARNING)  # None: RAY_ADDRESS decides
-    except ConnectionError as error:
+    except (ConnectionError, AuthenticationError) as error:
         raise UserError(join_failure(str(address), error)) from None
     return True
 

@@ -128,7 +128,7 @@ def prepare(config: RunConfig, cluster: ClusterConfig) -> RunPlan:
     preflight = getattr(factory, "preflight", None)
     if preflight is not None:  # an engine's cheap checks (is its library here?) before anything loads
         joins = cluster.executor == "ray" and bool(cluster.ray_address or os.environ.get("RAY_ADDRESS"))
-        preflight(config, joins)
+        preflight(config, suite, joins)
     constraint = None
     if suite.constraint is not None and any(b != "none" for b in config.backends):
         from evalpipe.constraints import load_constraint

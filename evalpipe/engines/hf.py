@@ -55,7 +55,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from evalpipe.engines.base import GenerationRequest, plan_requests
 from evalpipe.engines.builtin import builtin_model_dir
-from evalpipe.engines.common import package_version, package_versions
+from evalpipe.engines.common import check_outlines, package_version, package_versions
 from evalpipe.engines.options import HFOptions
 from evalpipe.errors import UserError
 from evalpipe.paths import cache_root
@@ -368,6 +368,16 @@ class HFEngine:
     """Requests are `plan_requests(...)`: see `evalpipe.engines.base.plans_from_config`."""
     OPTIONS: ClassVar[type[HFOptions]] = HFOptions
     """`--engine-arg` keys: device, dtype, batch_size, num_gpus (`evalpipe.engines.options`)."""
+
+    @staticmethod
+    def preflight(config: RunConfig, suite: Suite, joins_cluster: bool) -> None:
+        """Before any replica starts: backends this engine has (outlines runs inside vLLM only)."""
+        check_outlines("hf", suite, config.backends)
+        for backend in config.backends:
+            if backend not in SUPPORTED_BACKENDS:
+                raise UserError(
+                    f"engine 'hf' supports backends {', '.join(SUPPORTED_BACKENDS)}; not {backend!r}"
+                )
 
     def __init__(
         self,

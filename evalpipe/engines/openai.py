@@ -55,6 +55,7 @@ import httpx
 from evalpipe.engines.base import GenerationRequest, plan_requests
 from evalpipe.engines.common import (
     WARMUP_MAX_TOKENS,
+    check_outlines,
     package_versions,
     time_per_output_token,
     warmup_request,
@@ -237,6 +238,11 @@ class OpenAIEngine:
     PLANS_FROM_CONFIG: ClassVar[bool] = True
     """Requests are `plan_requests(...)`: see `evalpipe.engines.base.plans_from_config`."""
     OPTIONS: ClassVar[type[OpenAIOptions]] = OpenAIOptions
+
+    @staticmethod
+    def preflight(config: RunConfig, suite: Suite, joins_cluster: bool) -> None:
+        """Before anything starts: the backends the suite's constraint allows."""
+        check_outlines("openai", suite, config.backends)
 
     def __init__(self, config: RunConfig, suite: Suite, model: str, backend: str) -> None:
         if suite.prompt.format not in ("raw", "chat"):

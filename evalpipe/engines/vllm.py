@@ -56,6 +56,7 @@ from typing import Any, ClassVar, Protocol, cast
 from evalpipe.engines.base import GenerationRequest, plan_requests
 from evalpipe.engines.common import (
     WARMUP_MAX_TOKENS,
+    check_outlines,
     first_line,
     package_versions,
     time_per_output_token,
@@ -273,8 +274,10 @@ class VLLMEngine:
     OPTIONS: ClassVar[type[VLLMOptions]] = VLLMOptions
 
     @staticmethod
-    def preflight(config: RunConfig, joins_cluster: bool) -> None:
-        """Before anything starts: without vLLM here, only a joined cluster's workers could run it."""
+    def preflight(config: RunConfig, suite: Suite, joins_cluster: bool) -> None:
+        """Before anything starts: backends the suite's constraint allows; without vLLM here, only a joined
+        cluster's workers could run it."""
+        check_outlines("vllm", suite, config.backends)
         if not joins_cluster and not vllm_available():
             raise UserError(f"{NOT_INSTALLED}, or join a cluster whose workers have it (--ray-address)")
 

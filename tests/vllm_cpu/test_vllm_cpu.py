@@ -147,14 +147,53 @@ def test_the_per_request_deadline_cuts_a_real_request(vllm_server: str) -> None:
     suite = load_suite("humaneval")
     tasks, _ = load_humaneval()
     config = RunConfig(
-        suite="humaneval", engine="openai", models=("builtin",), backends=("none",), max_tokens=1000,
+        suite="humaneval", engine="openai", models=("builtin",), backends=("guidance",), max_tokens=600,
         base_url=vllm_server, engine_args={"timeout_s": "0.5", "warmup": "0"},
     )  # fmt: skip
-    engine = OpenAIEngine(config, suite, "builtin", "none")
+    # Under the grammar: unconstrained humaneval sends its 6 stop strings, and vLLM 0.32's server takes at
+    # most 4 (HTTP 400), which the stop-string rework of the engines is to handle.
+    engine = OpenAIEngine(config, suite, "builtin", "guidance")
     try:
         (generation,) = list(engine.generate(engine.plan(tasks[:1])))
     finally:
         engine.close()
-    # 1000 tokens at tens of ms each cannot finish in 0.5 s: the request is cut there, and the run goes on.
-    assert generation.finish_reason == "timeout"
+    # 600 tokens at tens of ms each (within max_model_len=1024 with the prompt) cannot finish in 0.5 s: the
+    # request is cut there, and the run goes on.
+    assert generation.finish_reason == "timeout", generation.error
     assert generation.e2e_s is not None and 0.5 <= generation.e2e_s < 5
+
+
+# -- outlines: JSON-schema and regex constraints, inside vLLM -------------------------------------------
+
+
+def test_outlines_constrains_a_regex_suite_in_vllm(tmp_path: Path) -> None:
+    import re
+
+    from evalpipe.engines.vllm import VLLMEngine
+    from evalpipe.records import Task
+    from evalpipe.suites import ConstraintSpec, PromptSpec, Suite
+
+    pattern = r"(?:[a-z]{1,4} = [0-9]{1,3}\n){1,3}"
+    (tmp_path / "lines.regex").write_text(pattern)
+    suite = Suite(
+        name="lines", prompt=PromptSpec(format="raw"), path=str(tmp_path / "lines.toml"),
+        constraint=ConstraintSpec(kind="regex", regex="lines.regex"),
+    )  # fmt: skip
+    config = RunConfig(
+        suite="lines", engine="vllm", models=("builtin",), backends=("outlines",), max_tokens=48,
+        engine_args={"dtype": "bfloat16", "max_model_len": "1024", "warmup": "1"},
+    )  # fmt: skip
+    engine = VLLMEngine(config, suite, "builtin", "outlines")
+    try:
+        tasks = [
+            Task(id=f"T/{i}", prompt=p, entry_point="f", test="") for i, p in enumerate(["x = 1\n", "# a\n"])
+        ]
+        generations = list(engine.generate(engine.plan(tasks)))
+        described = engine.describe()
+    finally:
+        engine.close()
+    assert described["effective_backends"] == ["outlines"]
+    for generation in generations:
+        assert generation.effective_backend == "outlines" and generation.finish_reason == "stop", generation
+        assert re.fullmatch(pattern, generation.raw_text), generation.raw_text
+        assert generation.constraint_satisfied is True
