@@ -291,12 +291,14 @@ def _gpus_needed(plan: RunPlan, pair: Pair, cluster_gpus: float) -> float:
         if cpu_build_installed() and not plan.cluster.ray_address and not os.environ.get("RAY_ADDRESS"):
             return 0.0  # vLLM's CPU build on this machine's own Ray
         return float(args.get("num_gpus") or args.get("tensor_parallel_size") or 1)
+    if plan.config.engine in CUDA_WHERE_AVAILABLE and args.get("num_gpus"):
+        return float(args["num_gpus"])  # asked for: reserved even for a CPU engine (a whole node's share)
     if (
         plan.config.engine in CUDA_WHERE_AVAILABLE
         and cluster_gpus > 0
         and args.get("device", "cuda") != "cpu"
     ):
-        return float(args.get("num_gpus") or 1)
+        return 1.0
     return 0.0
 
 

@@ -78,3 +78,24 @@ def check_outlines(engine: str, suite: Suite, backends: tuple[str, ...]) -> None
             f"{'a ' + kind if kind else 'no'} constraint: use guidance or xgrammar here, or outlines with a "
             "suite such as humaneval_json"
         )
+
+
+def check_chat_template(suite: Suite, models: tuple[str, ...]) -> None:
+    """One line, before any replica starts, where a chat suite meets a model without a chat template (only
+    the tokenizer is read). A model that cannot be read here is left to the engine, which says why."""
+    if suite.prompt.format != "chat":
+        return
+    from transformers import AutoTokenizer
+
+    from evalpipe.engines.hf import resolve_model
+
+    for model in models:
+        try:
+            source, local_only = resolve_model(model)
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        except (OSError, ValueError, UserError):
+            continue
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(
+                f"suite {suite.name!r} asks for chat prompts; model {model!r} has no chat template"
+            )

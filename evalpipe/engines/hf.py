@@ -55,7 +55,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from evalpipe.engines.base import GenerationRequest, plan_requests
 from evalpipe.engines.builtin import builtin_model_dir
-from evalpipe.engines.common import check_outlines, package_version, package_versions
+from evalpipe.engines.common import check_chat_template, check_outlines, package_version, package_versions
 from evalpipe.engines.options import HFOptions
 from evalpipe.errors import UserError
 from evalpipe.paths import cache_root
@@ -373,6 +373,7 @@ class HFEngine:
     def preflight(config: RunConfig, suite: Suite, joins_cluster: bool) -> None:
         """Before any replica starts: backends this engine has (outlines runs inside vLLM only)."""
         check_outlines("hf", suite, config.backends)
+        check_chat_template(suite, config.models)
         for backend in config.backends:
             if backend not in SUPPORTED_BACKENDS:
                 raise UserError(

@@ -56,6 +56,7 @@ from typing import Any, ClassVar, Protocol, cast
 from evalpipe.engines.base import GenerationRequest, plan_requests
 from evalpipe.engines.common import (
     WARMUP_MAX_TOKENS,
+    check_chat_template,
     check_outlines,
     first_line,
     package_versions,
@@ -278,6 +279,7 @@ class VLLMEngine:
         """Before anything starts: backends the suite's constraint allows; without vLLM here, only a joined
         cluster's workers could run it."""
         check_outlines("vllm", suite, config.backends)
+        check_chat_template(suite, config.models)
         if not joins_cluster and not vllm_available():
             raise UserError(f"{NOT_INSTALLED}, or join a cluster whose workers have it (--ray-address)")
 
