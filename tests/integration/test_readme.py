@@ -126,7 +126,7 @@ def test_every_readme_command_runs(cli: Any, tmp_path: Path, serve_url: str) -> 
 
     def openai_job(readme: str) -> None:
         ok(readme, "run", "humaneval", "--engine", "openai", "--base-url", f"{serve_url}/v1", "-m", "builtin",
-           "-b", "guidance", *base)  # fmt: skip
+           "-b", "guidance", *base, remember="openai")  # fmt: skip
 
     def json_job(readme: str) -> None:
         code, err = run(readme, "run", "humaneval_json", "-b", "guidance", *base)
@@ -176,7 +176,7 @@ def test_every_readme_command_runs(cli: Any, tmp_path: Path, serve_url: str) -> 
             r, "run", "humaneval", "--samples", samples, *base
         ),
         "evalpipe compare RUN RUN... [-f table\\|json\\|csv\\|markdown]": lambda r: [
-            ok(r, "compare", made["main"], made["main"], "-f", fmt)
+            ok(r, "compare", made["main"], made["openai"], "-f", fmt)
             for fmt in ("table", "json", "csv", "markdown")
         ],
         "evalpipe report RUN [RUN...]": lambda r: ok(r, "report", made["main"], made["reference"]),
