@@ -195,8 +195,12 @@ def request_body(
 
 
 def error_message(response: httpx.Response) -> str:
-    """The server's error text: vLLM's `{"error": {"message": ...}}`, its 401 `{"error": "Unauthorized"}`,
-    FastAPI's `{"detail": ...}`, or the start of the body."""
+    """The server's error text on one line: vLLM's `{"error": {"message": ...}}`, its 401
+    `{"error": "Unauthorized"}`, FastAPI's `{"detail": ...}`, or the start of the body."""
+    return " ".join(_error_text(response).split())
+
+
+def _error_text(response: httpx.Response) -> str:
     try:
         data = response.json()
     except ValueError:

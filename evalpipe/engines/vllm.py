@@ -296,6 +296,9 @@ class VLLMEngine:
         self._stops = tuple(suite.prompt.stop) if self._fields is None else ()
         options = VLLMOptions.parse("vllm", config.engine_args)
         self._warmups = options.warmup
+        # vLLM logs every engine's start-up at INFO (tens of lines each, forwarded by Ray to the user's
+        # terminal); warnings and errors are what a run's user needs. Read when vLLM is first imported.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         self._vllm = _import_vllm()
         if self._vllm.cpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             # The engine core is a child process: it reads the variable when it starts.
