@@ -307,6 +307,20 @@ def _joined(plan: RunPlan) -> bool:
     return bool(plan.cluster.ray_address or os.environ.get("RAY_ADDRESS"))
 
 
+def _share_gpus(plan: RunPlan, needs: dict[Pair, float], cluster_gpus: float) -> dict[Pair, float]:
+    """Where the `hf` engine's replicas would each take a whole GPU by default and there are fewer GPUs than
+    replicas, they share them (each reserves an equal fraction): a small model's replicas fit one device.
+    An explicit `--engine-arg num_gpus` is kept as given."""
+    args = {key.replace("-", "_") for key in plan.config.engine_args}
+    total = sum(needs.values()) * plan.cluster.replicas
+    if plan.config.engine not in CUDA_WHERE_AVAILABLE or "num_gpus" in args or not 0 < cluster_gpus < total:
+        return needs
+    replicas = sum(1 for gpus in needs.values() if gpus) * plan.cluster.replicas
+    share = _floor(cluster_gpus / replicas)
+    print(f"{replicas} generation replicas share {cluster_gpus:g} GPU(s): {share:g} each", file=sys.stderr)
+    return {pair: share if gpus else 0.0 for pair, gpus in needs.items()}
+
+
 def _check_gpus(
     plan: RunPlan, needs: dict[Pair, float], names: dict[Pair, str], cluster_gpus: float, *, local: bool
 ) -> None:
@@ -410,7 +424,9 @@ class RayExecutor:
         shared = ray.put(RunSpec(config=plan.config, suite=plan.suite, tasks=plan.tasks))
         names = replica_names(pairs)
         cluster_gpus = float(resources.get("GPU", 0.0))
-        needs = {pair: _gpus_needed(plan, pair, cluster_gpus) for pair in pairs}
+        needs = _share_gpus(
+            plan, {pair: _gpus_needed(plan, pair, cluster_gpus) for pair in pairs}, cluster_gpus
+        )
         _check_gpus(plan, needs, names, cluster_gpus, local=self._owns_ray and not _joined(plan))
         for pair in pairs:
             gpus = needs[pair]

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from evalpipe.cluster import _check_gpus
+from evalpipe.cluster import _check_gpus, _share_gpus
 from evalpipe.errors import UserError
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -127,3 +127,20 @@ def test_gpus_are_counted_over_every_replica_before_any_starts(capsys: pytest.Ca
     _check_gpus(_plan(2), halves, names, 2.0, local=True)  # replicas share devices
     _check_gpus(_plan(2), needs, names, 2.0, local=False)  # a joined cluster may grow: said, not refused
     assert "waiting for the autoscaler" in capsys.readouterr().err
+
+
+def test_hf_replicas_share_the_gpus_unless_num_gpus_is_given(capsys: pytest.CaptureFixture[str]) -> None:
+    needs = {("m", "guidance"): 1.0, ("m", "xgrammar"): 1.0, ("m", "none"): 1.0}
+    plan = SimpleNamespace(
+        cluster=SimpleNamespace(replicas=1), config=SimpleNamespace(engine="hf", engine_args={})
+    )
+    shared = _share_gpus(plan, needs, 1.0)
+    assert (
+        set(shared.values()) == {0.33} and "3 generation replicas share 1 GPU(s)" in capsys.readouterr().err
+    )
+    asked = SimpleNamespace(
+        cluster=plan.cluster, config=SimpleNamespace(engine="hf", engine_args={"num_gpus": "1"})
+    )
+    assert _share_gpus(asked, needs, 1.0) == needs
+    vllm = SimpleNamespace(cluster=plan.cluster, config=SimpleNamespace(engine="vllm", engine_args={}))
+    assert _share_gpus(vllm, needs, 1.0) == needs  # vLLM's GPU share is its own setting
