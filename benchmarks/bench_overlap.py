@@ -23,6 +23,7 @@ import argparse
 import logging
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +40,12 @@ from evalpipe.rundir import RunDirectory
 from evalpipe.sandbox.base import Job
 from evalpipe.sandbox.process import ProcessSandbox
 from evalpipe.suites import load_suite
+
+# `scripted` is a test-only engine, registered by tests/plugins/ (an entry point) as a user's plugin would be:
+# on sys.path for this process, on PYTHONPATH for the Ray workers.
+PLUGINS = Path(__file__).resolve().parent.parent / "tests" / "plugins"
+sys.path.insert(0, str(PLUGINS))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(PLUGINS), os.environ.get("PYTHONPATH", "")) if p)
 
 
 def plan_for(samples: int, workers: int, runs: Path) -> pipeline.RunPlan:

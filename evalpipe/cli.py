@@ -367,7 +367,7 @@ def _engine_args(pairs: list[str]) -> dict[str, str]:
 def _default_model(engine: str, samples: Path | None) -> str:
     if engine == "samples" and samples is not None:
         return samples.name.removesuffix(".gz").removesuffix(".jsonl")
-    return {"reference": "reference", "hf": "builtin"}.get(engine, "model")
+    return {"reference": "reference", "hf": "builtin", "vllm": "builtin"}.get(engine, "model")
 
 
 def _run(config: RunConfig, cluster: ClusterConfig, resume: Path | None) -> None:
@@ -375,7 +375,7 @@ def _run(config: RunConfig, cluster: ClusterConfig, resume: Path | None) -> None
     existing = RunDirectory.open(resume) if resume is not None else None
     if existing is None:
         ensure_runs_dir(Path(cluster.runs_dir))
-    if config.engine == "hf" and "builtin" in config.models:
+    if config.engine in ("hf", "vllm") and "builtin" in config.models:
         from evalpipe.engines.builtin import builtin_model_dir
 
         # Built here, in view, with its progress bar; replicas would build it silently in their own logs.
@@ -425,6 +425,7 @@ def _run_plan(plan: RunPlan, executor: Executor, existing: RunDirectory | None) 
     else:
         run_dir = existing
     err.print(f"run directory: {run_dir.path}")
+    err.print(f"engine: {plan.config.engine}", highlight=False)
     with _progress() as progress:
         try:
             scores = pipeline.execute(plan, run_dir, executor, RichReporter(progress))

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import ray
-from ray.exceptions import ActorAlreadyExistsError, RayActorError, RayTaskError
+from ray.exceptions import ActorAlreadyExistsError, AuthenticationError, RayActorError, RayTaskError
 
 from evalpipe.engines.base import Engine, EngineFactory, GenerationRequest
 from evalpipe.errors import EvalpipeError, RunFailed, UserError
@@ -74,9 +74,13 @@ REPLICA_CPUS = 0.25
 """Logical CPUs a replica reserves (at most): the work of a GPU engine is on the GPU, and CPU engines on a
 small machine must leave room for the sandbox workers, which do the CPU-heavy part."""
 GPU_ENGINES = frozenset({"vllm"})
+"""Engines that always need a GPU (vLLM, except its CPU build); others need one when `describe()["device"]`
+starts with `cuda`."""
 CUDA_WHERE_AVAILABLE = frozenset({"hf"})
 """Engines that take a GPU when their process sees one."""
-"""Engines that always need a GPU; others need one when `describe()["device"]` starts with `cuda`."""
+READY_TIMEOUT_S = float(os.environ.get("EVALPIPE_READY_TIMEOUT_S", "1800"))
+"""How long replicas may take to build their engines (load models, compile grammars, wait for resources)
+before the run is refused, naming the replicas that are not ready (`$EVALPIPE_READY_TIMEOUT_S`)."""
 SANDBOX_RESOURCE = "evalpipe_sandbox"
 """Custom Ray resource: when the cluster has it, sandbox workers run only on nodes that offer it."""
 ENV_PREFIX = "EVALPIPE_"
@@ -232,8 +236,30 @@ def connect(cluster: ClusterConfig) -> bool:
                 file=sys.stderr,
             )
         return True
-    ray.init(address=cluster.ray_address, logging_level=logging.WARNING)  # None: RAY_ADDRESS decides
+    address = cluster.ray_address or os.environ.get("RAY_ADDRESS")
+    try:
+        ray.init(address=cluster.ray_address, logging_level=logging.WARNING)  # None: RAY_ADDRESS decides
+    except (ConnectionError, AuthenticationError) as error:
+        raise UserError(join_failure(str(address), error)) from None
     return True
+
+
+def join_failure(address: str, error: BaseException) -> str:
+    """One line for a cluster that cannot be joined: with Ray 2.60's token authentication on the cluster, a
+    client without the token is refused, and Ray's message does not say so."""
+    token_set = bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
+    if os.environ.get("RAY_AUTH_MODE") != "token" or not token_set:
+        hint = (
+            "if the cluster uses token authentication (Ray 2.60's default for `ray start`), set "
+            "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to its token "
+            "(on its head node: ~/.ray/auth_token)"
+        )
+    else:
+        hint = (
+            "is it running, and is RAY_AUTH_TOKEN the cluster's token (on its head node: ~/.ray/auth_token)?"
+        )
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"cannot join the Ray cluster at {address}: {first}; {hint}"
 
 
 def actor_label(model: str) -> str:
@@ -277,16 +303,66 @@ def _gpus_needed(plan: RunPlan, pair: Pair, cluster_gpus: float) -> float:
         description = engine.describe()
         on_gpu = plan.config.engine in GPU_ENGINES or str(description.get("device", "")).startswith("cuda")
         return float(description.get("num_gpus", 1)) if on_gpu else 0.0
-    args = plan.config.engine_args
+    args = {key.replace("-", "_"): value for key, value in plan.config.engine_args.items()}
     if plan.config.engine in GPU_ENGINES:
+        from evalpipe.engines.vllm import cpu_build_installed
+
+        if cpu_build_installed() and not plan.cluster.ray_address and not os.environ.get("RAY_ADDRESS"):
+            return 0.0  # vLLM's CPU build on this machine's own Ray
         return float(args.get("num_gpus") or args.get("tensor_parallel_size") or 1)
+    if plan.config.engine in CUDA_WHERE_AVAILABLE and args.get("num_gpus"):
+        return float(args["num_gpus"])  # asked for: reserved even for a CPU engine (a whole node's share)
     if (
         plan.config.engine in CUDA_WHERE_AVAILABLE
         and cluster_gpus > 0
         and args.get("device", "cuda") != "cpu"
     ):
-        return float(args.get("num_gpus") or 1)
+        return 1.0
     return 0.0
+
+
+def _joined(plan: RunPlan) -> bool:
+    """Whether the run joined a cluster (which an autoscaler may grow) rather than starting its own Ray."""
+    return bool(plan.cluster.ray_address or os.environ.get("RAY_ADDRESS"))
+
+
+def _share_gpus(plan: RunPlan, needs: dict[Pair, float], cluster_gpus: float) -> dict[Pair, float]:
+    """Where the `hf` engine's replicas would each take a whole GPU by default and there are fewer GPUs than
+    replicas, they share them (each reserves an equal fraction): a small model's replicas fit one device.
+    An explicit `--engine-arg num_gpus` is kept as given."""
+    args = {key.replace("-", "_") for key in plan.config.engine_args}
+    total = sum(needs.values()) * plan.cluster.replicas
+    if plan.config.engine not in CUDA_WHERE_AVAILABLE or "num_gpus" in args or not 0 < cluster_gpus < total:
+        return needs
+    replicas = sum(1 for gpus in needs.values() if gpus) * plan.cluster.replicas
+    share = _floor(cluster_gpus / replicas)
+    print(f"{replicas} generation replicas share {cluster_gpus:g} GPU(s): {share:g} each", file=sys.stderr)
+    return {pair: share if gpus else 0.0 for pair, gpus in needs.items()}
+
+
+def _check_gpus(
+    plan: RunPlan, needs: dict[Pair, float], names: dict[Pair, str], cluster_gpus: float, *, local: bool
+) -> None:
+    """Count GPUs over every replica of every pair before any actor starts: a run needing more than the
+    cluster has is refused with one line (on a joined cluster, whose autoscaler may add nodes, it is said
+    and the run waits). A fraction (`--engine-arg num_gpus=0.5`) lets replicas share a device."""
+    replicas = plan.cluster.replicas
+    total = sum(needs.values()) * replicas
+    if not total or total <= cluster_gpus + 1e-9:
+        return
+    each = ", ".join(f"{names[pair]} x{replicas}: {gpus:g}" for pair, gpus in needs.items() if gpus)
+    message = (
+        f"engine {plan.config.engine!r} needs {total:g} GPU(s) in all ({each}); "
+        f"the cluster has {cluster_gpus:g}"
+    )
+    if local:
+        share = (
+            "; fewer backends or replicas, or --engine-arg num_gpus=FRACTION to share a device"
+            if cluster_gpus
+            else ""
+        )
+        raise UserError(message + share)
+    print(f"{message}: waiting for the autoscaler to add GPU nodes", file=sys.stderr)
 
 
 def _cause(error: RayTaskError) -> BaseException:
@@ -370,16 +446,13 @@ class RayExecutor:
         replica_class = ray.remote(GenerationReplica)
         shared = ray.put(RunSpec(config=plan.config, suite=plan.suite, tasks=plan.tasks))
         names = replica_names(pairs)
+        cluster_gpus = float(resources.get("GPU", 0.0))
+        needs = _share_gpus(
+            plan, {pair: _gpus_needed(plan, pair, cluster_gpus) for pair in pairs}, cluster_gpus
+        )
+        _check_gpus(plan, needs, names, cluster_gpus, local=self._owns_ray and not _joined(plan))
         for pair in pairs:
-            gpus = _gpus_needed(plan, pair, float(resources.get("GPU", 0.0)))
-            if gpus and float(resources.get("GPU", 0.0)) < gpus:
-                if self._owns_ray and plan.cluster.ray_address is None and not os.environ.get("RAY_ADDRESS"):
-                    raise UserError(
-                        f"engine {plan.config.engine!r} needs {gpus:g} GPU(s); this machine has none"
-                    )
-                print(
-                    f"waiting for a node with {gpus:g} GPU(s) for {names[pair]} (autoscaler)", file=sys.stderr
-                )
+            gpus = needs[pair]
             options = {**common, "num_cpus": replica_cpus, "num_gpus": gpus}
             for i in range(plan.cluster.replicas):
                 args: tuple[Any, ...] = (shared, pair[0], pair[1], i)
@@ -448,29 +521,48 @@ class RayExecutor:
             raise RunFailed(f"{slot.name} could not start: {_first_line(error)}") from None
         return {**info, "workers": self.workers, "executor": "ray: one single-runner sandbox per actor"}
 
-    def engine_info(self) -> dict[str, dict[str, Any]]:
-        """Waits until every replica has built its engine; the first replica's `describe()` per pair.
-        Asked once: it also learns where each replica computes (`_Slot.device`)."""
+    def engine_info(self, timeout_s: float | None = None) -> dict[str, dict[str, Any]]:
+        """Waits until every replica has built its engine; the first replica's `describe()` per pair. A
+        replica that fails ends the run at once; one not ready within `timeout_s` (default
+        `READY_TIMEOUT_S`) fails it, naming the replicas that are stuck. Asked once: it also learns where
+        each replica computes (`_Slot.device`)."""
         if self._engine_info is None:
-            self._engine_info = self._ready()
+            self._engine_info = self._ready(timeout_s)
         return self._engine_info
 
-    def _ready(self) -> dict[str, dict[str, Any]]:
+    def _ready(self, timeout_s: float | None) -> dict[str, dict[str, Any]]:
+        limit = READY_TIMEOUT_S if timeout_s is None else timeout_s
+        deadline = time.monotonic() + limit
         refs = {slot.handle.ready.remote(): slot for slot in self._replicas}
-        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=30.0)
-        if len(ready) < len(refs):
-            print("waiting for the generation replicas to load their models", file=sys.stderr)
+        described: dict[Any, dict[str, Any]] = {}
+        waiting = list(refs)
+        said = False
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                stuck = ", ".join(refs[ref].name for ref in waiting)
+                raise RunFailed(
+                    f"generation replica(s) not ready after {limit:g} s: {stuck} (waiting for resources the "
+                    "cluster lacks, or still loading: `ray status` shows pending demands; "
+                    "$EVALPIPE_READY_TIMEOUT_S sets the wait)"
+                )
+            done, waiting = ray.wait(waiting, num_returns=1, timeout=min(left, 30.0))
+            if not done and not said:
+                print("waiting for the generation replicas to load their models", file=sys.stderr)
+                said = True
+            for ref in done:
+                slot = refs[ref]
+                try:
+                    described[ref] = cast("dict[str, Any]", ray.get(ref))
+                except RayTaskError as error:
+                    raise self._fail(slot, error) from None
+                except RayActorError as error:
+                    raise RunFailed(f"{slot.name} could not start: {_first_line(error)}") from None
         info: dict[str, dict[str, Any]] = {}
         for ref, slot in refs.items():
-            try:
-                described = cast("dict[str, Any]", ray.get(ref))
-            except RayTaskError as error:
-                raise self._fail(slot, error) from None
-            except RayActorError as error:
-                raise RunFailed(f"{slot.name} could not start: {_first_line(error)}") from None
             assert slot.pair is not None
-            slot.device = device_key(described)
-            info.setdefault(f"{slot.pair[0]}/{slot.pair[1]}", described)
+            slot.device = device_key(described[ref])
+            info.setdefault(f"{slot.pair[0]}/{slot.pair[1]}", described[ref])
         return info
 
     def run(

@@ -16,12 +16,13 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Protocol, cast
 
 from evalpipe import __version__
 from evalpipe.engines.base import Engine, EngineFactory, GenerationRequest, plan_requests, plans_from_config
+from evalpipe.engines.common import package_versions as common_package_versions
+from evalpipe.engines.options import engine_options
 from evalpipe.errors import EvalpipeError, RunFailed, UserError
 from evalpipe.executor import Executor
 from evalpipe.fingerprint import describe_changes, run_fingerprints
@@ -112,6 +113,8 @@ def check_config(config: RunConfig) -> Suite:
     """The checks that need no data, model or daemon: names of suite, engine, sandbox and backends."""
     suite = load_suite(config.suite)
     check_name("engine", config.engine)
+    # Before any model loads: unknown keys and bad values of `--engine-arg` are one line.
+    engine_options(config.engine, config.engine_args)
     check_name("sandbox", config.sandbox)
     for backend in config.backends:
         check_backend(backend)
@@ -126,6 +129,10 @@ def prepare(config: RunConfig, cluster: ClusterConfig) -> RunPlan:
     tasks, dataset_sha = load_tasks(suite)
 
     factory = cast("EngineFactory", load("engine", config.engine))
+    preflight = getattr(factory, "preflight", None)
+    if preflight is not None:  # an engine's cheap checks (is its library here?) before anything loads
+        joins = cluster.executor == "ray" and bool(cluster.ray_address or os.environ.get("RAY_ADDRESS"))
+        preflight(config, suite, joins)
     constraint = None
     if suite.constraint is not None and any(b != "none" for b in config.backends):
         from evalpipe.constraints import load_constraint
@@ -182,13 +189,7 @@ def _check_ks(config: RunConfig, requests: Sequence[GenerationRequest]) -> None:
 
 
 def package_versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    for name in TRACKED_PACKAGES:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
+    return common_package_versions(*TRACKED_PACKAGES)
 
 
 def git_sha() -> str | None:

@@ -189,15 +189,15 @@ class RunConfig(Record):
     def identity(self, dataset_sha256: str, fingerprints: dict[str, str] | None = None) -> str:
         """Hash of everything that changes the run's samples: the config, the dataset and the fingerprints of
         the suite file, constraint files and models (`evalpipe.fingerprint`). Options that only say where
-        things are or what to report (`samples_path`, `base_url`, `ks`) are left out. A run can only be
-        resumed under the same identity."""
+        things are or what to report (`samples_path`, `base_url`, `ks`) are left out, and of the engine args
+        only those the engine's options say change results are hashed. A run can only be resumed under the
+        same identity."""
+        from evalpipe.engines.options import identity_engine_args
+
+        config = self.model_dump(mode="json", exclude=set(TRANSPORT_FIELDS))
+        config["engine_args"] = identity_engine_args(self.engine, self.engine_args)
         payload = json.dumps(
-            {
-                "config": self.model_dump(mode="json", exclude=set(TRANSPORT_FIELDS)),
-                "dataset": dataset_sha256,
-                "fingerprints": fingerprints or {},
-            },
-            sort_keys=True,
+            {"config": config, "dataset": dataset_sha256, "fingerprints": fingerprints or {}}, sort_keys=True
         )
         return hashlib.sha256(payload.encode()).hexdigest()
 

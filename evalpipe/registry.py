@@ -20,9 +20,10 @@ _BUILTIN: dict[Kind, dict[str, str]] = {
         "reference": "evalpipe.engines.replay:ReferenceEngine",
         "samples": "evalpipe.engines.replay:SamplesEngine",
         "hf": "evalpipe.engines.hf:HFEngine",
-        # Replays canonical solutions with scripted delays and failures: for tests and benchmarks of the
-        # fan-out, where a real model would only add noise.
-        "scripted": "evalpipe.engines.scripted:ScriptedEngine",
+        "vllm": "evalpipe.engines.vllm:VLLMEngine",
+        "openai": "evalpipe.engines.openai:OpenAIEngine",
+        # The test-only `scripted` engine is not here: the tests and benchmarks register it as a plugin
+        # (tests/plugins/, an entry point in group `evalpipe.engines`), the way users' engines register.
     },
     "sandbox": {
         "process": "evalpipe.sandbox.process:ProcessSandbox",

@@ -24,10 +24,12 @@ Endpoints and shapes follow vLLM 0.33's server (paths inside the vLLM wheel):
   `{"error": {"message", "type", "param", "code"}}`; an unknown model is 404.
 
 Generation goes through a `CompletionBackend`. `HFBackend` puts the `hf` engine
-(`evalpipe.engines.hf.HFEngine`) behind it: one HFEngine per distinct (constraint, stop sequences,
-sampling settings) — a request's constraint is written into a temporary suite — all sharing one loaded
-model, so llguidance/XGrammar masks work exactly as in `--engine hf`. Tokens are streamed as HFEngine
-decodes them.
+(`evalpipe.engines.hf.HFEngine`) behind it: one HFEngine per (model, backend, constraint) — a request's
+constraint is written into a temporary suite — all sharing one loaded model, so llguidance/XGrammar masks work
+exactly as in `--engine hf` and each grammar is compiled once. Seed, temperature, top_p, max_tokens and stop
+sequences are per request (`HFEngine.with_sampling`: a view of the engine, nothing built again). Tokens are
+streamed as HFEngine decodes them. `/server_info` also reports `evalpipe.engines_built` and
+`evalpipe.grammar_compiles`, so that a client can check that grammars are not compiled per request.
 """
 
 from __future__ import annotations
@@ -315,6 +317,7 @@ def create_app(
                 "model_config": {"served_model_name": served_model_name},
             },
             "server": fingerprint,
+            "evalpipe": _stats(backend),
         }
 
     @app.get("/v1/models")
@@ -617,8 +620,10 @@ class HFBackend:
         self._backend = backend
         self._device = device
         self._max_engines = max_engines
-        self._engines: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self._engines: OrderedDict[RequestConstraint | None, Any] = OrderedDict()
         self._engines_lock = threading.Lock()
+        self.engines_built = 0
+        self.grammar_compiles = 0
         # One generation at a time: the engines share one model, and this is a test server.
         self._generate_lock = threading.Lock()
         self._tmp = tempfile.TemporaryDirectory(prefix="evalpipe-serve-")
@@ -647,8 +652,18 @@ class HFBackend:
         )
 
     def open(self, request: BackendRequest) -> Iterator[Chunk]:
-        engine = self._engine(request)
+        engine = self._engine(request).with_sampling(
+            temperature=request.temperature,
+            top_p=request.top_p,
+            max_tokens=request.max_tokens,
+            seed=request.seed or 0,
+            stop=request.stop,
+        )
         return self._stream(engine, request)
+
+    def stats(self) -> dict[str, int]:
+        """What the server has built so far: engines (one per constraint) and grammar compiles."""
+        return {"engines_built": self.engines_built, "grammar_compiles": self.grammar_compiles}
 
     def close(self) -> None:
         with self._engines_lock:
@@ -660,18 +675,13 @@ class HFBackend:
     # -- engines -------------------------------------------------------------------------------------------
 
     def _engine(self, request: BackendRequest) -> Any:
-        """The HFEngine for this request's constraint, stops and sampling settings (built on first use)."""
+        """The HFEngine for this request's constraint (built on first use); sampling settings and stop
+        sequences are the request's own (`open`). Evicting an engine while a request uses it is safe: the
+        request holds a view that keeps the model and grammar alive."""
         from evalpipe.records import RunConfig
         from evalpipe.suites import ConstraintSpec, PromptSpec, Suite
 
-        key = (
-            request.constraint,
-            request.stop,
-            request.temperature,
-            request.top_p,
-            request.max_tokens,
-            request.seed,
-        )
+        key = request.constraint
         with self._engines_lock:
             engine = self._engines.get(key)
             if engine is not None:
@@ -682,7 +692,7 @@ class HFBackend:
             spec = self._constraint_spec(ConstraintSpec, request.constraint, folder)
             suite = Suite(
                 name="serve",
-                prompt=PromptSpec(format="raw", stop=request.stop),
+                prompt=PromptSpec(format="raw"),
                 constraint=spec,
                 path=str(folder / "serve.toml"),
             )
@@ -692,10 +702,6 @@ class HFBackend:
                 engine="hf",
                 models=(self._model,),
                 backends=(backend,),
-                temperature=request.temperature,
-                top_p=request.top_p,
-                max_tokens=request.max_tokens,
-                seed=request.seed or 0,
                 sandbox="process",
             )
             try:
@@ -704,6 +710,10 @@ class HFBackend:
                 )
             except UserError as error:
                 raise ValueError(str(error)) from None
+            self.engines_built += 1
+            described = engine.describe()
+            if described["grammar_compile_s"] is not None and not described["grammar_cache_hit"]:
+                self.grammar_compiles += 1
             self._engines[key] = engine
             while len(self._engines) > self._max_engines:
                 _, old = self._engines.popitem(last=False)
@@ -789,6 +799,12 @@ class HFBackend:
             n_prompt_tokens=generation.n_prompt_tokens,
             n_output_tokens=generation.n_output_tokens,
         )
+
+
+def _stats(backend: CompletionBackend) -> dict[str, int]:
+    """A backend's counters where it keeps them (`HFBackend.stats`)."""
+    stats = getattr(backend, "stats", None)
+    return dict(stats()) if callable(stats) else {}
 
 
 def _streaming_engine_class(base: type[Any]) -> type[Any]:

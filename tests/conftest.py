@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +12,15 @@ import pytest
 from evalpipe.cli import main
 from evalpipe.records import Task
 from evalpipe.sources import load_humaneval
+
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+"""The test-only plugin distribution (tests/plugins/README.md): on sys.path here, on PYTHONPATH for Ray
+workers and subprocesses, so `--engine scripted` resolves through the entry-point group as a plugin would."""
+if str(PLUGINS) not in sys.path:
+    sys.path.insert(0, str(PLUGINS))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        part for part in (str(PLUGINS), os.environ.get("PYTHONPATH", "")) if part
+    )
 
 CliResult = tuple[int, str, str]
 

@@ -35,6 +35,7 @@ Timing (what each Generation reports), for a sequence in a batch:
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import importlib.util
@@ -45,9 +46,8 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, Self, cast
 
 import llguidance
 import llguidance.hf
@@ -59,10 +59,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from evalpipe.completion import complete, constraint_satisfied, find_stop, lead_of, stop_sequences
 from evalpipe.engines.base import GenerationRequest, plan_requests
 from evalpipe.engines.builtin import builtin_model_dir
+from evalpipe.engines.common import (
+    WARMUP_MAX_TOKENS,
+    check_chat_template,
+    check_outlines,
+    package_version,
+    package_versions,
+    warmup_request,
+)
+from evalpipe.engines.options import HFOptions
 from evalpipe.errors import UserError
 from evalpipe.paths import cache_root
 from evalpipe.prompting import chat_messages, sample_seed
-from evalpipe.records import FinishReason, Generation, RunConfig, SampleKey, Task
+from evalpipe.records import FinishReason, Generation, RunConfig, Task
 from evalpipe.suites import Suite
 
 if TYPE_CHECKING:
@@ -70,9 +79,6 @@ if TYPE_CHECKING:
 
 GRAMMAR_BACKENDS = ("guidance", "xgrammar")
 SUPPORTED_BACKENDS = ("none", *GRAMMAR_BACKENDS, "auto")
-DEFAULT_BATCH_SIZE = 8
-WARMUP_PROMPT = "def add(a, b):\n"
-WARMUP_TOKENS = 8
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -85,10 +91,11 @@ class _Loaded:
     tokenizer: Any
     path: str
     load_s: float
+    key: tuple[str, str, str]
     users: int = 0
 
 
-_MODELS: dict[tuple[str, str], _Loaded] = {}
+_MODELS: dict[tuple[str, str, str], _Loaded] = {}
 _MODELS_LOCK = threading.Lock()
 
 
@@ -127,18 +134,25 @@ def resolve_model(model: str) -> tuple[str, bool]:
     return model, not online()
 
 
-def _acquire_model(model: str, device: str) -> _Loaded:
+def torch_dtype(dtype: str, device: str) -> torch.dtype | str:
+    """What `from_pretrained` gets for an `--engine-arg dtype=...`: `auto` is float32 on CPU (a checkpoint's
+    half precision is slow there), the checkpoint's own dtype elsewhere."""
+    if dtype == "auto":
+        return torch.float32 if device == "cpu" else "auto"
+    return cast("torch.dtype", getattr(torch, dtype))
+
+
+def _acquire_model(model: str, device: str, dtype: str = "auto") -> _Loaded:
     source, local_only = resolve_model(model)
-    key = (source, device)
+    key = (source, device, dtype)
     with _MODELS_LOCK:
         loaded = _MODELS.get(key)
         if loaded is None:
             started = time.perf_counter()
             try:
                 tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-                dtype = torch.float32 if device == "cpu" else "auto"
                 network: Any = AutoModelForCausalLM.from_pretrained(
-                    source, local_files_only=local_only, dtype=dtype
+                    source, local_files_only=local_only, dtype=torch_dtype(dtype, device)
                 )
             except (OSError, ValueError) as error:
                 if local_only and not Path(source).is_dir():
@@ -150,18 +164,24 @@ def _acquire_model(model: str, device: str) -> _Loaded:
                     str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 )
                 raise UserError(f"model {model!r} cannot be loaded: {first_line}") from None
-            network.to(device).eval()
-            loaded = _Loaded(network, tokenizer, source, time.perf_counter() - started)
+            try:
+                network.to(device).eval()
+            except (
+                RuntimeError,
+                AssertionError,
+            ) as error:  # torch: "Torch not compiled with CUDA", no device
+                raise UserError(f"--engine-arg device={device}: {_one_line(str(error))}") from None
+            loaded = _Loaded(network, tokenizer, source, time.perf_counter() - started, key)
             _MODELS[key] = loaded
         loaded.users += 1
         return loaded
 
 
-def _release_model(loaded: _Loaded, device: str) -> None:
+def _release_model(loaded: _Loaded) -> None:
     with _MODELS_LOCK:
         loaded.users -= 1
         if loaded.users <= 0:
-            _MODELS.pop((loaded.path, device), None)
+            _MODELS.pop(loaded.key, None)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -258,7 +278,7 @@ class _XGrammarGrammar:
                 "grammar": constraint.kind,
                 "sha256": dict(sorted(constraint.sha256.items())),
                 "tokenizer": tokenizer_key,
-                "xgrammar": _version("xgrammar"),
+                "xgrammar": package_version("xgrammar"),
                 "format": xgrammar.get_serialization_version(),
             },
             sort_keys=True,
@@ -321,13 +341,6 @@ def _naming(backend: str, error: UserError) -> UserError:
     return UserError(message if backend in message else f"backend {backend!r}: {message}")
 
 
-def _version(package: str) -> str | None:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Decoding
 
@@ -357,6 +370,19 @@ class HFEngine:
 
     PLANS_FROM_CONFIG: ClassVar[bool] = True
     """Requests are `plan_requests(...)`: see `evalpipe.engines.base.plans_from_config`."""
+    OPTIONS: ClassVar[type[HFOptions]] = HFOptions
+    """`--engine-arg` keys: device, dtype, batch_size, num_gpus (`evalpipe.engines.options`)."""
+
+    @staticmethod
+    def preflight(config: RunConfig, suite: Suite, joins_cluster: bool) -> None:
+        """Before any replica starts: backends this engine has (outlines runs inside vLLM only)."""
+        check_outlines("hf", suite, config.backends)
+        check_chat_template(suite, config.models)
+        for backend in config.backends:
+            if backend not in SUPPORTED_BACKENDS:
+                raise UserError(
+                    f"engine 'hf' supports backends {', '.join(SUPPORTED_BACKENDS)}; not {backend!r}"
+                )
 
     def __init__(
         self,
@@ -365,25 +391,32 @@ class HFEngine:
         model: str,
         backend: str,
         *,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: int | None = None,
         device: str | None = None,
     ) -> None:
+        """`batch_size` and `device` override the config's `--engine-arg`s (for benchmarks)."""
         if backend not in SUPPORTED_BACKENDS:
             raise UserError(
                 f"engine 'hf' supports backends {', '.join(SUPPORTED_BACKENDS)}; not {backend!r}"
                 + (" (outlines takes no grammars; use it through vLLM)" if backend == "outlines" else "")
             )
-        if batch_size < 1:
-            raise UserError("batch_size must be at least 1")
+        options = HFOptions.parse("hf", config.engine_args)
+        if batch_size is not None:
+            if batch_size < 1:
+                raise UserError("batch_size must be at least 1")
+            options = options.model_copy(update={"batch_size": batch_size})
         self._config, self._suite, self._model_name, self._backend = config, suite, model, backend
-        self._batch_size = batch_size
-        self._device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._batch_size = options.batch_size
+        self._device = device or options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self._device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--engine-arg device={self._device}: torch sees no CUDA GPU on this machine")
+        self._options = options.model_copy(update={"device": self._device})
         if self._device == "cpu":
             torch.set_num_threads(cpu_threads())
         self._constraint = self._load_constraint()
         self._effective = self._choose_backend()
 
-        self._loaded = _acquire_model(model, self._device)
+        self._loaded = _acquire_model(model, self._device, options.dtype)
         self._closed = False
         try:
             self._setup()
@@ -474,11 +507,9 @@ class HFEngine:
         """One short untimed generation (with the grammar) before anything is measured: the first forward
         pass and the first masks pay for allocations and lazy set-up that no sample should be charged."""
         started = time.perf_counter()
-        task = Task(id="warm-up", prompt=WARMUP_PROMPT, entry_point="add", test="")
-        key = SampleKey(model=self._model_name, backend=self._backend, task_id=task.id, index=0)
-        request = GenerationRequest(key=key, task=task)
-        slot = self._slot(request, self._prompt_ids(task))
-        slot.max_tokens = WARMUP_TOKENS
+        request = warmup_request(self._model_name, self._backend)
+        slot = self._slot(request, self._prompt_ids(request.task))
+        slot.max_tokens = WARMUP_MAX_TOKENS
         for _ in self._decode([slot]):
             pass
         return time.perf_counter() - started
@@ -536,6 +567,8 @@ class HFEngine:
             "n_params": sum(p.numel() for p in self._model.parameters()),
             "vocab_size": self._logits_width,
             "batch_size": self._batch_size,
+            # The options as used (device resolved); `dtype` above is what the weights are in.
+            "options": self._options.model_dump(),
             "torch_threads": torch.get_num_threads() if self._device == "cpu" else None,
             "model_load_s": round(self._loaded.load_s, 3),
             "warm_up_s": round(self._warm_up_s, 3),
@@ -543,16 +576,29 @@ class HFEngine:
             "grammar_compile_s": None if grammar is None else round(grammar.compile_s, 4),
             "grammar_cache_hit": None if grammar is None else grammar.cache_hit,
             "grammar_cache_path": None if grammar is None else grammar.cache_path,
-            "versions": {
-                name: _version(name) for name in ("torch", "transformers", "llguidance", "xgrammar")
-            },
+            "versions": package_versions("torch", "transformers", "llguidance", "xgrammar"),
         }
+
+    def with_sampling(
+        self, *, temperature: float, top_p: float, max_tokens: int, seed: int, stop: Sequence[str]
+    ) -> Self:
+        """This engine for other sampling settings and stop sequences (`evalpipe serve`: per request): the
+        same loaded model and compiled grammar, so nothing is loaded or compiled again. The view owns
+        neither: closing it releases nothing, and it keeps working if this engine is closed meanwhile."""
+        view = copy.copy(self)
+        view._config = self._config.model_copy(
+            update={"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed}
+        )
+        view._stops = tuple(stop)
+        view._stop_window = max((len(s) for s in view._stops), default=0) + 1
+        view._closed = True
+        return view
 
     def close(self) -> None:
         # Idempotent: the pipeline may close an engine that failed half-way, and close it again.
         if not self._closed:
             self._closed = True
-            _release_model(self._loaded, self._device)
+            _release_model(self._loaded)
         self._grammar = None
 
     # -- decoding ------------------------------------------------------------------------------------------

@@ -47,19 +47,25 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from evalpipe.completion import check_suite, complete, constraint_satisfied, stop_sequences
 from evalpipe.engines.base import GenerationRequest, plan_requests
-from evalpipe.engines.vllm import constraint_and_fields, engine_args_of
+from evalpipe.engines.common import (
+    WARMUP_MAX_TOKENS,
+    check_outlines,
+    package_versions,
+    time_per_output_token,
+    warmup_request,
+)
+from evalpipe.engines.options import OpenAIOptions
+from evalpipe.engines.vllm import constraint_and_fields
 from evalpipe.errors import EvalpipeError, RunFailed, UserError
 from evalpipe.prompting import chat_messages, sample_seed
-from evalpipe.records import FinishReason, Generation, RunConfig, SampleKey, Task
+from evalpipe.records import FinishReason, Generation, RunConfig, Task
 from evalpipe.registry import BACKENDS
 from evalpipe.suites import Suite
 
@@ -68,47 +74,14 @@ if TYPE_CHECKING:
 
 ENV_BASE_URL = "EVALPIPE_BASE_URL"
 ENV_API_KEYS = ("EVALPIPE_API_KEY", "OPENAI_API_KEY")
-WARMUP_PROMPT = "def add(a, b):\n"
-WARMUP_MAX_TOKENS = 8
 
 # Transport errors: the request may not have reached the server, or its answer was cut off. Retrying these is
 # safe (generation has no side effects); an HTTP error status is an answer and is never retried.
 RETRYABLE = (httpx.NetworkError, httpx.RemoteProtocolError, httpx.TimeoutException)
 
 
-class OpenAIOptions(BaseModel):
-    """The `openai` engine's options, from `--engine-arg KEY=VALUE`."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    api: Literal["auto", "completions", "chat"] = "auto"
-    """`auto`: /v1/chat/completions for `prompt.format = "chat"` suites, else /v1/completions."""
-    concurrency: int = Field(default=8, ge=1)
-    """Requests in flight at once."""
-    timeout_s: float = Field(default=300.0, gt=0)
-    """Deadline of one request (each attempt): cut there, recorded as finish_reason "timeout"."""
-    connect_timeout_s: float = Field(default=10.0, gt=0)
-    retries: int = Field(default=3, ge=0)
-    """Further attempts after a transport error."""
-    backoff_s: float = Field(default=0.5, ge=0)
-    """Wait before the first retry; doubles on each further one."""
-    warmup: int = Field(default=2, ge=0)
-    """Untimed requests before the run: the first is reported as the cold start, the last as warm."""
-    wait_s: float = Field(default=0.0, ge=0)
-    """How long to wait for a server that is still starting (connection refused or HTTP 503 on /health)."""
-    constraint_field: Literal["structured_outputs", "response_format"] = "structured_outputs"
-    """Request field that carries the constraint; `response_format` takes JSON schemas only."""
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Configuration: URL, key, options
-
-
-def _version(package: str) -> str | None:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 def base_url_spec(config: RunConfig) -> str | None:
@@ -172,13 +145,7 @@ def api_key() -> str | None:
 
 
 def parse_options(engine_args: Mapping[str, str]) -> OpenAIOptions:
-    try:
-        return OpenAIOptions.model_validate(dict(engine_args))
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        known = ", ".join(OpenAIOptions.model_fields)
-        raise UserError(f"--engine-arg {where}: {first['msg']} (engine 'openai' takes: {known})") from None
+    return OpenAIOptions.parse("openai", engine_args)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -234,8 +201,12 @@ def request_body(
 
 
 def error_message(response: httpx.Response) -> str:
-    """The server's error text: vLLM's `{"error": {"message": ...}}`, its 401 `{"error": "Unauthorized"}`,
-    FastAPI's `{"detail": ...}`, or the start of the body."""
+    """The server's error text on one line: vLLM's `{"error": {"message": ...}}`, its 401
+    `{"error": "Unauthorized"}`, FastAPI's `{"detail": ...}`, or the start of the body."""
+    return " ".join(_error_text(response).split())
+
+
+def _error_text(response: httpx.Response) -> str:
     try:
         data = response.json()
     except ValueError:
@@ -276,13 +247,19 @@ class OpenAIEngine:
 
     PLANS_FROM_CONFIG: ClassVar[bool] = True
     """Requests are `plan_requests(...)`: see `evalpipe.engines.base.plans_from_config`."""
+    OPTIONS: ClassVar[type[OpenAIOptions]] = OpenAIOptions
+
+    @staticmethod
+    def preflight(config: RunConfig, suite: Suite, joins_cluster: bool) -> None:
+        """Before anything starts: the backends the suite's constraint allows."""
+        check_outlines("openai", suite, config.backends)
 
     def __init__(self, config: RunConfig, suite: Suite, model: str, backend: str) -> None:
         if suite.prompt.format not in ("raw", "chat"):
             raise UserError(f"suite prompt format {suite.prompt.format!r} is not raw or chat")
         self._config, self._suite, self._model, self._backend = config, suite, model, backend
         check_suite(suite)
-        self._options = parse_options(engine_args_of(config))
+        self._options = parse_options(config.engine_args)
         self._api: Literal["completions", "chat"] = (
             self._options.api
             if self._options.api != "auto"
@@ -411,9 +388,7 @@ class OpenAIEngine:
             return None
 
     def _warm_up(self) -> None:
-        task = Task(id="warm-up", prompt=WARMUP_PROMPT, entry_point="add", test="")
-        key = SampleKey(model=self._model, backend=self._backend, task_id=task.id, index=0)
-        requests = [GenerationRequest(key=key, task=task)] * self._options.warmup
+        requests = [warmup_request(self._model, self._backend)] * self._options.warmup
         try:
             done = self._run_loop(self._sequential(requests))
         except RunFailed as error:
@@ -488,7 +463,7 @@ class OpenAIEngine:
             "server": dict(self._server),
             "options": self._options.model_dump(),
             "cold_start": dict(self._cold),
-            "versions": {"httpx": _version("httpx")},
+            "versions": package_versions("httpx"),
         }
 
     def close(self) -> None:
@@ -649,11 +624,7 @@ class OpenAIEngine:
         n_prompt = state.usage.get("prompt_tokens")
         ttft = None if state.first is None else state.first - state.started
         e2e = None if state.end is None else state.end - state.started
-        tpot = (
-            (e2e - ttft) / (n_out - 1)
-            if ttft is not None and e2e is not None and isinstance(n_out, int) and n_out > 1
-            else None
-        )
+        tpot = time_per_output_token(ttft, e2e, n_out if isinstance(n_out, int) else None)
         return Generation(
             key=request.key,
             raw_text=raw,

