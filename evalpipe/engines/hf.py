@@ -6,12 +6,16 @@ The decode loop is our own (not `model.generate`) so that masking, stopping and 
   step for every unfinished sequence of the batch, prompts left-padded, with an attention mask and explicit
   position ids so that padding changes nothing (greedy output is the same at any batch size). Finished
   sequences are dropped from the KV cache (`DynamicCache.batch_select_indices`) so they cost nothing more.
-- **Masks.** Before each sampling step, every constrained sequence's matcher fills its row of an int32
-  bitmask (llguidance: `llguidance.torch.fill_next_token_bitmask`; XGrammar:
-  `GrammarMatcher.fill_next_token_bitmask`); the rows are applied to the logits in one
+- **Masks.** Each step's masks are filled while that step's forward pass runs: both depend only on the tokens
+  chosen so far, so once a step's tokens are chosen and accepted into the matchers (`_advance`), the next
+  forward pass starts on the decoding thread and a mask thread fills one int32 bitmask row per constrained
+  sequence, rows in parallel on the backend's own executor (llguidance: `fill_next_token_bitmask_par` with
+  an `LLExecutor`; XGrammar: `BatchGrammarMatcher`), both of which release the GIL while they work. Torch
+  releases it inside its kernels, so the two overlap. The rows are applied to the logits in one
   `xgrammar.apply_token_bitmask_inplace` call (its native CPU kernel on CPU: llguidance's own apply is
   `torch.compile`d and costs over a minute on its first CPU call). Both matchers allow EOS only where the
-  grammar accepts, so a sequence ends with `grammar_end` when EOS is chosen there.
+  grammar accepts, so a sequence ends with `grammar_end` when EOS is chosen there. Threads: `cpu_threads`
+  for torch, `mask_threads` for the masks.
 - **Grammars** are compiled once per engine and held for its life. A slow XGrammar compile (see
   `XGRAMMAR_DISK_CACHE_MIN_S`) is also kept on disk (`CompiledGrammar.serialize_json`, under
   `<cache>/xgrammar/`), keyed by the grammar's sha256, the tokenizer's vocabulary, the mask width, the stop
@@ -24,8 +28,11 @@ Timing (what each Generation reports), for a sequence in a batch:
   (e2e - ttft) / (tokens - 1). Every step's whole wall time counts for each sequence in that step, as it does
   for a request in a vLLM batch; sequences of one batch share a prefill, so a short prompt's TTFT includes the
   longer prompts' prefill. Time spent outside the engine while it has yielded a record is not counted.
-- `mask_s_per_token`: the sequence's own matcher time (fill) plus an equal share of the batched apply, divided
-  by the number of masked steps.
+- `mask_s_per_token`: an equal share of each step's fill (all rows together, its wall time on the mask
+  thread) and apply, averaged over the sequence's masked steps. At batch size 1, the sequence's own mask time.
+- `mask_unhidden_s_per_token`: the same share of the part the forward pass did not hide: starting the fill,
+  waiting for it after the forward pass, and the apply. It leaves out what sharing the cores costs the forward
+  pass itself; the tokens/s ratio in `benchmarks/bench_masks.py` shows the whole cost.
 - `grammar_compile_s` / `grammar_cache_hit`: the engine's one compile (or disk-cache load) for this grammar,
   the same on every sample; it is never part of a sample's latency.
 """
@@ -41,10 +48,11 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar
 
 import llguidance
 import llguidance.hf
@@ -110,6 +118,26 @@ def cpu_threads() -> int:
         except ValueError:
             raise UserError(f"EVALPIPE_TORCH_THREADS must be a number, not {configured!r}") from None
     return max(1, len(os.sched_getaffinity(0)) // 2)
+
+
+def mask_threads() -> int:
+    """Threads that fill token masks beside the forward pass: `$EVALPIPE_MASK_THREADS`, else the usable cores
+    that torch does not take (at least one).
+
+    Torch keeps its half (see `cpu_threads`): its pool stalls at every op when one of its cores is busy, and
+    the forward pass is the critical path. The masks take the other half, which they share with the sandbox:
+    a mask thread works only during the fill of each step, its rows are independent (a busy core delays
+    that thread alone, no barrier), and it is hidden as long as it ends before the forward pass does. On two
+    cores: one torch thread, one mask thread. Each grammar's executor (llguidance's `LLExecutor`, XGrammar's
+    `BatchGrammarMatcher`) has this many threads; rows are filled in parallel up to that number.
+    """
+    configured = os.environ.get("EVALPIPE_MASK_THREADS")
+    if configured:
+        try:
+            return max(1, int(configured))
+        except ValueError:
+            raise UserError(f"EVALPIPE_MASK_THREADS must be a number, not {configured!r}") from None
+    return max(1, len(os.sched_getaffinity(0)) - cpu_threads())
 
 
 def online() -> bool:
@@ -187,6 +215,11 @@ class _CompiledGrammar(Protocol):
 
     def matcher(self) -> _Matcher: ...
 
+    def fill(self, matchers: Sequence[_Matcher], bitmask: torch.Tensor) -> None:
+        """Fill row i of `bitmask` for `matchers[i]`, rows in parallel on the backend's `mask_threads()`
+        threads (the backend releases the GIL meanwhile)."""
+        ...
+
 
 class _GuidanceMatcher:
     __slots__ = ("_m",)
@@ -221,9 +254,14 @@ class _GuidanceGrammar:
         self._template = template
         self.compile_s = time.perf_counter() - started
         self.cache_hit = False
+        self._executor = llguidance.LLExecutor(mask_threads())
 
     def matcher(self) -> _Matcher:
         return _GuidanceMatcher(self._template.deep_copy())
+
+    def fill(self, matchers: Sequence[_Matcher], bitmask: torch.Tensor) -> None:
+        rows = [(_native(matcher, _GuidanceMatcher)._m, row) for row, matcher in enumerate(matchers)]
+        llguidance.torch.fill_next_token_bitmask_par(self._executor, rows, bitmask)
 
 
 class _XGrammarMatcher:
@@ -285,9 +323,23 @@ class _XGrammarGrammar:
         if stored:
             _store_compiled(path, compiled)
         self.cache_path: str | None = str(path) if self.cache_hit or stored else None
+        self._batch = xgrammar.BatchGrammarMatcher(mask_threads())
 
     def matcher(self) -> _Matcher:
         return _XGrammarMatcher(xgrammar.GrammarMatcher(self._compiled))
+
+    def fill(self, matchers: Sequence[_Matcher], bitmask: torch.Tensor) -> None:
+        native = [_native(matcher, _XGrammarMatcher)._m for matcher in matchers]
+        self._batch.batch_fill_next_token_bitmask(native, bitmask)
+
+
+_M = TypeVar("_M", "_GuidanceMatcher", "_XGrammarMatcher")
+
+
+def _native(matcher: _Matcher, kind: type[_M]) -> _M:
+    """The backend's own matcher behind `matcher` (a grammar fills only the matchers it made)."""
+    assert isinstance(matcher, kind), f"a {type(matcher).__name__} given to a {kind.__name__} grammar"
+    return matcher
 
 
 def _load_compiled(path: Path, info: xgrammar.TokenizerInfo) -> xgrammar.CompiledGrammar | None:
@@ -348,9 +400,22 @@ class _Slot:
     first_s: float | None = None
     end_s: float | None = None
     mask_s: float = 0.0
+    mask_unhidden_s: float = 0.0
     mask_steps: int = 0
     finish: FinishReason | None = None
     error: str | None = None
+
+
+@dataclass
+class _PendingMasks:
+    """One step's mask fill, running on the mask thread, for the rows `slots` of `bitmask`."""
+
+    fill: Future[float]
+    """Resolves to the fill's own wall time (seconds)."""
+    bitmask: torch.Tensor
+    slots: list[_Slot]
+    handoff_s: float
+    """What starting the fill cost the decoding thread."""
 
 
 class HFEngine:
@@ -560,7 +625,18 @@ class HFEngine:
         return _Slot(request, prompt_ids, generator, matcher)
 
     def _decode(self, slots: list[_Slot]) -> Iterator[tuple[Generation, list[int]]]:
-        """Decode one batch to the end, yielding each sequence as it finishes."""
+        """Decode one batch to the end, yielding each sequence as it finishes.
+
+        With a grammar, each step's masks are filled on a mask thread while the forward pass of that step
+        runs on this one: both need only the tokens chosen so far, which `_advance` has accepted into the
+        matchers before the next step starts.
+        """
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evalpipe-masks") as mask_thread:
+            yield from self._decode_with(slots, mask_thread)
+
+    def _decode_with(
+        self, slots: list[_Slot], mask_thread: ThreadPoolExecutor
+    ) -> Iterator[tuple[Generation, list[int]]]:
         device = self._device
         longest = max(len(s.prompt_ids) for s in slots)
         input_ids = torch.tensor(
@@ -582,6 +658,8 @@ class HFEngine:
 
         started = now()
         with torch.inference_mode():
+            # The first masks (start states) are filled during the prefill.
+            masks = None if bitmask is None else self._start_masks(mask_thread, bitmask, active)
             while True:
                 logits = (
                     self._model(
@@ -595,8 +673,8 @@ class HFEngine:
                     .logits[:, -1, : self._logits_width]
                     .float()
                 )
-                if bitmask is not None:
-                    self._mask(logits, bitmask, active)
+                if masks is not None:
+                    self._apply_masks(logits, masks)
                 tokens = self._choose(logits, active)
                 step_end = now()
                 keep: list[int] = []
@@ -622,21 +700,44 @@ class HFEngine:
                 input_ids = torch.tensor(next_ids, device=device).unsqueeze(1)
                 attention = torch.cat([attention, attention.new_ones((len(active), 1))], dim=1)
                 positions = positions[:, -1:] + 1
+                # Started after the yields above, right before the forward pass: the fill is hidden behind
+                # the forward pass only, never behind time the consumer holds us.
+                if bitmask is not None:
+                    masks = self._start_masks(mask_thread, bitmask, active)
 
     def _new_bitmask(self, rows: int) -> torch.Tensor:
         shape = (rows, (self._mask_width + 31) // 32)
-        # Pinned memory makes the copy to the GPU asynchronous; on CPU there is nothing to copy.
+        # Pinned memory makes the copy to the GPU asynchronous; on CPU there is nothing to copy. The next
+        # step's fill overwrites it only after `_choose` has synchronised with the GPU (`tolist`).
         return torch.full(shape, -1, dtype=torch.int32, pin_memory=self._device != "cpu")
 
-    def _mask(self, logits: torch.Tensor, bitmask: torch.Tensor, active: list[_Slot]) -> None:
-        """Fill each sequence's bitmask row and apply all rows at once; time it per sequence."""
-        for row, slot in enumerate(active):
-            started = time.perf_counter()
-            assert slot.matcher is not None
-            slot.matcher.fill(bitmask, row)
-            slot.mask_s += time.perf_counter() - started
+    def _start_masks(
+        self, mask_thread: ThreadPoolExecutor, bitmask: torch.Tensor, active: list[_Slot]
+    ) -> _PendingMasks:
+        """Hand the filling of the rows of `active` (every matcher has accepted its last token) to the mask
+        thread; the matchers are the mask thread's until `_apply_masks` has waited for it."""
+        grammar = self._grammar
+        assert grammar is not None
         started = time.perf_counter()
-        rows = bitmask if len(active) == len(bitmask) else bitmask[: len(active)]
+        matchers = [slot.matcher for slot in active if slot.matcher is not None]
+        assert len(matchers) == len(active)
+
+        def fill() -> float:
+            begun = time.perf_counter()
+            grammar.fill(matchers, bitmask)
+            return time.perf_counter() - begun
+
+        future = mask_thread.submit(fill)
+        return _PendingMasks(future, bitmask, list(active), time.perf_counter() - started)
+
+    def _apply_masks(self, logits: torch.Tensor, masks: _PendingMasks) -> None:
+        """Wait for the fill the mask thread began before the forward pass, apply all rows at once, and
+        charge each sequence its share: the fill and the apply (`mask_s`), and the part of them the forward
+        pass did not hide (`mask_unhidden_s`: the hand-off, the wait for the fill, the apply)."""
+        waiting = time.perf_counter()
+        fill_s = masks.fill.result()  # re-raises a backend's error here, on the decoding thread
+        applying = time.perf_counter()
+        rows = masks.bitmask[: len(masks.slots)]
         if logits.device.type == "cpu":
             xgrammar.apply_token_bitmask_inplace(logits, rows, vocab_size=self._logits_width, backend="cpu")
         else:
@@ -644,9 +745,13 @@ class HFEngine:
                 logits, rows.to(logits.device, non_blocking=True), vocab_size=self._logits_width,
                 backend=_gpu_apply_backend(),
             )  # fmt: skip
-        share = (time.perf_counter() - started) / len(active)
-        for slot in active:
-            slot.mask_s += share
+        apply_s = time.perf_counter() - applying
+        share = 1 / len(masks.slots)
+        spent = (fill_s + apply_s) * share
+        unhidden = (masks.handoff_s + (applying - waiting) + apply_s) * share
+        for slot in masks.slots:
+            slot.mask_s += spent
+            slot.mask_unhidden_s += unhidden
             slot.mask_steps += 1
 
     def _choose(self, logits: torch.Tensor, active: list[_Slot]) -> list[int]:
@@ -722,6 +827,7 @@ class HFEngine:
             grammar_compile_s=None if grammar is None else grammar.compile_s,
             grammar_cache_hit=None if grammar is None else grammar.cache_hit,
             mask_s_per_token=slot.mask_s / slot.mask_steps if slot.mask_steps else None,
+            mask_unhidden_s_per_token=slot.mask_unhidden_s / slot.mask_steps if slot.mask_steps else None,
             constraint_satisfied=satisfied,
             effective_backend=self._effective,
             error=slot.error or extract_error,
