@@ -197,23 +197,21 @@ def _mask_split(generations: list[Any]) -> tuple[float, float]:
 
 
 def _engine_mask_code(eng: Any, sequences: list[list[int]]) -> float:
-    """The engine's own mask step (`HFEngine._start_masks` on its mask thread, then `_apply_masks`: fill,
+    """The engine's own mask step (`HFEngine._start_masks` on its mask threads, then `_apply_masks`: fill,
     apply, per-sequence timing) run back to back over the sequences, without the model: evalpipe's code
     against the bare loop, with hot caches for both."""
-    from concurrent.futures import ThreadPoolExecutor
-
     import torch
 
-    from evalpipe.engines.hf import _Slot
+    from evalpipe.engines.hf import _MaskThreads, _Slot, mask_threads
 
     logits = torch.zeros(1, eng.describe()["vocab_size"])
     bitmask = eng._new_bitmask(1)
     spent, steps = 0.0, 0
-    with ThreadPoolExecutor(max_workers=1) as mask_thread:
+    with _MaskThreads(mask_threads()) as threads:
         for ids in sequences:
             slot = _Slot(request=None, prompt_ids=[], generator=None, matcher=eng._grammar.matcher())
             for token in ids:
-                eng._apply_masks(logits, eng._start_masks(mask_thread, bitmask, [slot]))
+                eng._apply_masks(logits, eng._start_masks(threads, bitmask, [slot]))
                 slot.matcher.accept(token)
             spent, steps = spent + slot.mask_s, steps + slot.mask_steps
     return spent / steps

@@ -42,17 +42,18 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
 import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import llguidance
 import llguidance.hf
@@ -215,11 +216,6 @@ class _CompiledGrammar(Protocol):
 
     def matcher(self) -> _Matcher: ...
 
-    def fill(self, matchers: Sequence[_Matcher], bitmask: torch.Tensor) -> None:
-        """Fill row i of `bitmask` for `matchers[i]`, rows in parallel on the backend's `mask_threads()`
-        threads (the backend releases the GIL meanwhile)."""
-        ...
-
 
 class _GuidanceMatcher:
     __slots__ = ("_m",)
@@ -254,14 +250,9 @@ class _GuidanceGrammar:
         self._template = template
         self.compile_s = time.perf_counter() - started
         self.cache_hit = False
-        self._executor = llguidance.LLExecutor(mask_threads())
 
     def matcher(self) -> _Matcher:
         return _GuidanceMatcher(self._template.deep_copy())
-
-    def fill(self, matchers: Sequence[_Matcher], bitmask: torch.Tensor) -> None:
-        rows = [(_native(matcher, _GuidanceMatcher)._m, row) for row, matcher in enumerate(matchers)]
-        llguidance.torch.fill_next_token_bitmask_par(self._executor, rows, bitmask)
 
 
 class _XGrammarMatcher:
@@ -323,23 +314,9 @@ class _XGrammarGrammar:
         if stored:
             _store_compiled(path, compiled)
         self.cache_path: str | None = str(path) if self.cache_hit or stored else None
-        self._batch = xgrammar.BatchGrammarMatcher(mask_threads())
 
     def matcher(self) -> _Matcher:
         return _XGrammarMatcher(xgrammar.GrammarMatcher(self._compiled))
-
-    def fill(self, matchers: Sequence[_Matcher], bitmask: torch.Tensor) -> None:
-        native = [_native(matcher, _XGrammarMatcher)._m for matcher in matchers]
-        self._batch.batch_fill_next_token_bitmask(native, bitmask)
-
-
-_M = TypeVar("_M", "_GuidanceMatcher", "_XGrammarMatcher")
-
-
-def _native(matcher: _Matcher, kind: type[_M]) -> _M:
-    """The backend's own matcher behind `matcher` (a grammar fills only the matchers it made)."""
-    assert isinstance(matcher, kind), f"a {type(matcher).__name__} given to a {kind.__name__} grammar"
-    return matcher
 
 
 def _load_compiled(path: Path, info: xgrammar.TokenizerInfo) -> xgrammar.CompiledGrammar | None:
@@ -406,16 +383,72 @@ class _Slot:
     error: str | None = None
 
 
-@dataclass
-class _PendingMasks:
-    """One step's mask fill, running on the mask thread, for the rows `slots` of `bitmask`."""
+class _MaskFill:
+    """One step's token masks: row i of `bitmask` for `slots[i]`, filled row by row by the mask threads while
+    the forward pass runs, and by the decoding thread itself once the forward pass is done (`finish`).
 
-    fill: Future[float]
-    """Resolves to the fill's own wall time (seconds)."""
-    bitmask: torch.Tensor
-    slots: list[_Slot]
-    handoff_s: float
-    """What starting the fill cost the decoding thread."""
+    Both backends release the GIL while they fill a row, so rows fill in parallel, and beside torch's kernels
+    (which release it too). A row is taken by exactly one thread. The decoding thread joining in means a
+    mask thread that the OS has not scheduled yet (a shared, busy host) never makes a step wait longer than
+    filling every row on the decoding thread would, and a fill longer than the forward pass gets every thread.
+    """
+
+    def __init__(self, bitmask: torch.Tensor, slots: list[_Slot]) -> None:
+        self.bitmask = bitmask
+        self.slots = slots
+        self._rows = itertools.count()  # `next` on it is atomic: each row goes to one thread
+        self._lock = threading.Lock()
+        self._left = len(slots)
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+
+    def work(self) -> None:
+        """Fill rows until none is left to take; each row's fill time is charged to its sequence."""
+        while (row := next(self._rows)) < len(self.slots):
+            slot = self.slots[row]
+            try:
+                assert slot.matcher is not None
+                started = time.perf_counter()
+                slot.matcher.fill(self.bitmask, row)
+                slot.mask_s += time.perf_counter() - started
+            except BaseException as error:  # re-raised on the decoding thread by `finish`
+                self._error = error
+            with self._lock:
+                self._left -= 1
+                if not self._left:
+                    self._done.set()
+
+    def finish(self) -> None:
+        """Fill the rows no mask thread has taken yet, wait for those being filled, raise a fill's error."""
+        self.work()
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+
+
+class _MaskThreads:
+    """The threads that fill masks beside the forward pass, for one batch (none without a grammar)."""
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+        self._pool = (
+            ThreadPoolExecutor(max_workers=count, thread_name_prefix="evalpipe-masks") if count else None
+        )
+
+    def start(self, fill: _MaskFill) -> None:
+        """Set up to `count` threads filling rows (no more than there are rows)."""
+        assert self._pool is not None
+        for _ in range(min(self._count, len(fill.slots))):
+            self._pool.submit(fill.work)
+
+    def __enter__(self) -> _MaskThreads:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        # Waits for threads that are still at work on a fill the decoding thread no longer needs (only after
+        # an error or an early close): their matchers must not be freed under them.
+        if self._pool is not None:
+            self._pool.shutdown()
 
 
 class HFEngine:
@@ -631,11 +664,11 @@ class HFEngine:
         runs on this one: both need only the tokens chosen so far, which `_advance` has accepted into the
         matchers before the next step starts.
         """
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evalpipe-masks") as mask_thread:
-            yield from self._decode_with(slots, mask_thread)
+        with _MaskThreads(mask_threads() if self._grammar is not None else 0) as threads:
+            yield from self._decode_with(slots, threads)
 
     def _decode_with(
-        self, slots: list[_Slot], mask_thread: ThreadPoolExecutor
+        self, slots: list[_Slot], threads: _MaskThreads
     ) -> Iterator[tuple[Generation, list[int]]]:
         device = self._device
         longest = max(len(s.prompt_ids) for s in slots)
@@ -659,7 +692,7 @@ class HFEngine:
         started = now()
         with torch.inference_mode():
             # The first masks (start states) are filled during the prefill.
-            masks = None if bitmask is None else self._start_masks(mask_thread, bitmask, active)
+            masks = None if bitmask is None else self._start_masks(threads, bitmask, active)
             while True:
                 logits = (
                     self._model(
@@ -703,7 +736,7 @@ class HFEngine:
                 # Started after the yields above, right before the forward pass: the fill is hidden behind
                 # the forward pass only, never behind time the consumer holds us.
                 if bitmask is not None:
-                    masks = self._start_masks(mask_thread, bitmask, active)
+                    masks = self._start_masks(threads, bitmask, active)
 
     def _new_bitmask(self, rows: int) -> torch.Tensor:
         shape = (rows, (self._mask_width + 31) // 32)
@@ -712,45 +745,39 @@ class HFEngine:
         return torch.full(shape, -1, dtype=torch.int32, pin_memory=self._device != "cpu")
 
     def _start_masks(
-        self, mask_thread: ThreadPoolExecutor, bitmask: torch.Tensor, active: list[_Slot]
-    ) -> _PendingMasks:
-        """Hand the filling of the rows of `active` (every matcher has accepted its last token) to the mask
-        thread; the matchers are the mask thread's until `_apply_masks` has waited for it."""
-        grammar = self._grammar
-        assert grammar is not None
+        self, threads: _MaskThreads, bitmask: torch.Tensor, active: list[_Slot]
+    ) -> tuple[_MaskFill, float]:
+        """Start filling the masks of `active` (every matcher has accepted its last token) on the mask
+        threads; until `_apply_masks` returns, the matchers belong to the fill. Returns the fill and what
+        starting it cost this thread."""
         started = time.perf_counter()
-        matchers = [slot.matcher for slot in active if slot.matcher is not None]
-        assert len(matchers) == len(active)
+        fill = _MaskFill(bitmask, list(active))
+        threads.start(fill)
+        return fill, time.perf_counter() - started
 
-        def fill() -> float:
-            begun = time.perf_counter()
-            grammar.fill(matchers, bitmask)
-            return time.perf_counter() - begun
-
-        future = mask_thread.submit(fill)
-        return _PendingMasks(future, bitmask, list(active), time.perf_counter() - started)
-
-    def _apply_masks(self, logits: torch.Tensor, masks: _PendingMasks) -> None:
-        """Wait for the fill the mask thread began before the forward pass, apply all rows at once, and
-        charge each sequence its share: the fill and the apply (`mask_s`), and the part of them the forward
-        pass did not hide (`mask_unhidden_s`: the hand-off, the wait for the fill, the apply)."""
-        waiting = time.perf_counter()
-        fill_s = masks.fill.result()  # re-raises a backend's error here, on the decoding thread
+    def _apply_masks(self, logits: torch.Tensor, started: tuple[_MaskFill, float]) -> None:
+        """Complete the fill begun before the forward pass, apply all rows at once, and charge each sequence
+        its own fill time plus a share of the apply (`mask_s`), and a share of what the forward pass did not
+        hide (`mask_unhidden_s`: starting the fill, completing it after the forward pass, the apply)."""
+        fill, handoff_s = started
+        completing = time.perf_counter()
+        fill.finish()
         applying = time.perf_counter()
-        rows = masks.bitmask[: len(masks.slots)]
+        rows = fill.slots
+        bitmask = fill.bitmask[: len(rows)]
         if logits.device.type == "cpu":
-            xgrammar.apply_token_bitmask_inplace(logits, rows, vocab_size=self._logits_width, backend="cpu")
+            xgrammar.apply_token_bitmask_inplace(
+                logits, bitmask, vocab_size=self._logits_width, backend="cpu"
+            )
         else:
             xgrammar.apply_token_bitmask_inplace(
-                logits, rows.to(logits.device, non_blocking=True), vocab_size=self._logits_width,
+                logits, bitmask.to(logits.device, non_blocking=True), vocab_size=self._logits_width,
                 backend=_gpu_apply_backend(),
             )  # fmt: skip
         apply_s = time.perf_counter() - applying
-        share = 1 / len(masks.slots)
-        spent = (fill_s + apply_s) * share
-        unhidden = (masks.handoff_s + (applying - waiting) + apply_s) * share
-        for slot in masks.slots:
-            slot.mask_s += spent
+        unhidden = (handoff_s + (applying - completing) + apply_s) / len(rows)
+        for slot in rows:
+            slot.mask_s += apply_s / len(rows)
             slot.mask_unhidden_s += unhidden
             slot.mask_steps += 1
 

@@ -312,14 +312,18 @@ def serial_greedy_ids(suite: Suite, model: Path, backend: str) -> list[list[int]
         with torch.inference_mode():
             while len(out) < 40:
                 seen = len(ids) + len(out)
-                logits = network(
-                    input_ids=step_ids,
-                    attention_mask=torch.ones(1, seen, dtype=torch.long),
-                    position_ids=torch.arange(seen - step_ids.shape[1], seen).unsqueeze(0),
-                    past_key_values=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                ).logits[:, -1, :width].float()
+                logits = (
+                    network(
+                        input_ids=step_ids,
+                        attention_mask=torch.ones(1, seen, dtype=torch.long),
+                        position_ids=torch.arange(seen - step_ids.shape[1], seen).unsqueeze(0),
+                        past_key_values=cache,
+                        use_cache=True,
+                        logits_to_keep=1,
+                    )
+                    .logits[:, -1, :width]
+                    .float()
+                )
                 if backend == "guidance":
                     llguidance.torch.fill_next_token_bitmask(matcher, bitmask, 0)
                     accept = matcher.consume_token
@@ -349,5 +353,5 @@ def test_overlapped_masks_keep_greedy_output_at_every_batch_size(
     by_batch = {size: greedy_ids(suite, model_dir, backend, size) for size in (1, 3, 8)}
     assert by_batch[1] == by_batch[3] == by_batch[8]
     assert by_batch[1] == serial_greedy_ids(suite, model_dir, backend)
-    assert len({tuple(ids) for ids in by_batch[1]}) > 1  # prompts change the output: the comparison means something
+    assert len({tuple(ids) for ids in by_batch[1]}) > 1  # prompts change the output: the test means something
     assert any(len(ids) > 10 for ids in by_batch[1])  # masks at many steps, not just the first
