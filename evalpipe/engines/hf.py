@@ -7,15 +7,15 @@ The decode loop is our own (not `model.generate`) so that masking, stopping and 
   position ids so that padding changes nothing (greedy output is the same at any batch size). Finished
   sequences are dropped from the KV cache (`DynamicCache.batch_select_indices`) so they cost nothing more.
 - **Masks.** Each step's masks are filled while that step's forward pass runs: both depend only on the tokens
-  chosen so far, so once a step's tokens are chosen and accepted into the matchers (`_advance`), the next
-  forward pass starts on the decoding thread and a mask thread fills one int32 bitmask row per constrained
-  sequence, rows in parallel on the backend's own executor (llguidance: `fill_next_token_bitmask_par` with
-  an `LLExecutor`; XGrammar: `BatchGrammarMatcher`), both of which release the GIL while they work. Torch
-  releases it inside its kernels, so the two overlap. The rows are applied to the logits in one
+  chosen so far, so once a step's tokens are chosen and accepted into the matchers (`_advance`), the mask
+  threads (`mask_threads`) start filling one int32 bitmask row per constrained sequence and the decoding
+  thread starts the forward pass. Both backends release the GIL while they fill a row, as torch does inside
+  its kernels, so the two run side by side. When the forward pass is done, the decoding thread fills the
+  rows no mask thread has taken yet (see `_MaskFill`), then applies all rows to the logits in one
   `xgrammar.apply_token_bitmask_inplace` call (its native CPU kernel on CPU: llguidance's own apply is
   `torch.compile`d and costs over a minute on its first CPU call). Both matchers allow EOS only where the
-  grammar accepts, so a sequence ends with `grammar_end` when EOS is chosen there. Threads: `cpu_threads`
-  for torch, `mask_threads` for the masks.
+  grammar accepts, so a sequence ends with `grammar_end` when EOS is chosen there; a token a matcher rejects
+  ends its sequence with an error, as before.
 - **Grammars** are compiled once per engine and held for its life. A slow XGrammar compile (see
   `XGRAMMAR_DISK_CACHE_MIN_S`) is also kept on disk (`CompiledGrammar.serialize_json`, under
   `<cache>/xgrammar/`), keyed by the grammar's sha256, the tokenizer's vocabulary, the mask width, the stop
@@ -28,11 +28,12 @@ Timing (what each Generation reports), for a sequence in a batch:
   (e2e - ttft) / (tokens - 1). Every step's whole wall time counts for each sequence in that step, as it does
   for a request in a vLLM batch; sequences of one batch share a prefill, so a short prompt's TTFT includes the
   longer prompts' prefill. Time spent outside the engine while it has yielded a record is not counted.
-- `mask_s_per_token`: an equal share of each step's fill (all rows together, its wall time on the mask
-  thread) and apply, averaged over the sequence's masked steps. At batch size 1, the sequence's own mask time.
-- `mask_unhidden_s_per_token`: the same share of the part the forward pass did not hide: starting the fill,
-  waiting for it after the forward pass, and the apply. It leaves out what sharing the cores costs the forward
-  pass itself; the tokens/s ratio in `benchmarks/bench_masks.py` shows the whole cost.
+- `mask_s_per_token`: the sequence's own fill time (on whichever thread filled its row) plus an equal share of
+  the batched apply, divided by the number of masked steps.
+- `mask_unhidden_s_per_token`: an equal share of each step's mask time that the forward pass did not hide
+  (starting the fill, completing it after the forward pass, the apply), divided likewise. At batch size 1 it
+  is what masks add to TPOT; in a batch of n, about n times it. It leaves out what sharing the cores costs the
+  forward pass itself; the tokens/s ratio in `benchmarks/bench_masks.py` shows the whole cost.
 - `grammar_compile_s` / `grammar_cache_hit`: the engine's one compile (or disk-cache load) for this grammar,
   the same on every sample; it is never part of a sample's latency.
 """
@@ -129,8 +130,8 @@ def mask_threads() -> int:
     the forward pass is the critical path. The masks take the other half, which they share with the sandbox:
     a mask thread works only during the fill of each step, its rows are independent (a busy core delays
     that thread alone, no barrier), and it is hidden as long as it ends before the forward pass does. On two
-    cores: one torch thread, one mask thread. Each grammar's executor (llguidance's `LLExecutor`, XGrammar's
-    `BatchGrammarMatcher`) has this many threads; rows are filled in parallel up to that number.
+    cores: one torch thread, one mask thread (and the decoding thread fills rows too once its forward pass is
+    done).
     """
     configured = os.environ.get("EVALPIPE_MASK_THREADS")
     if configured:
