@@ -12,7 +12,8 @@
 2. **Speed.** Constrained vs unconstrained decoding of the same model and prompts, with the same work shape
    (`none` runs without stop sequences, so every run decodes max_tokens per prompt): output tokens per second
    of wall time per backend and batch size, and the median TPOT; ratio against `none` (target: at least 0.9).
-   Backends alternate within each repeat; medians and the best run are printed (the host is shared).
+   Backends alternate batch by batch within each repeat, in a rotating order; medians and the best run are
+   printed (the host is shared).
    With each grammar backend, the engine's mask time per token is split into the part hidden behind the
    forward pass (the engine fills the next step's masks on a mask thread while the forward pass runs) and the
    part that was not (`mask_unhidden_s_per_token`: handing the fill over, waiting for it, applying it).
@@ -42,7 +43,7 @@ def main() -> None:
     parser.add_argument("--suite", default="humaneval")
     parser.add_argument("--lark", help="grammar for llguidance (default: the suite's)")
     parser.add_argument("--gbnf", help="the same grammar as GBNF for XGrammar (default: the suite's)")
-    parser.add_argument("--tasks", type=int, default=6)
+    parser.add_argument("--tasks", type=int, default=8, help="prompts (8: a full batch at batch size 8)")
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-sizes", default="1,6")
@@ -137,14 +138,24 @@ def main() -> None:
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
         masking: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
         tokens_of: dict[str, int] = {}
-        for _ in range(args.repeats):
-            for name, eng in engines.items():  # alternate backends so that load changes hit all of them
-                started = time.perf_counter()
-                generations = list(eng.generate(eng.plan(tasks)))
-                wall = time.perf_counter() - started
+        names = list(engines)
+        chunks = [tasks[i : i + batch_size] for i in range(0, len(tasks), batch_size)]
+        for repeat in range(args.repeats):
+            # Backends alternate batch by batch (each a second or so), in an order that rotates, so that the
+            # load of a shared host hits all of them alike; a repeat's figures sum over its batches.
+            walls = dict.fromkeys(names, 0.0)
+            produced: dict[str, list[Any]] = {name: [] for name in names}
+            for index, chunk in enumerate(chunks):
+                shift = (repeat + index) % len(names)
+                for name in names[shift:] + names[:shift]:
+                    eng = engines[name]
+                    started = time.perf_counter()
+                    produced[name] += eng.generate(eng.plan(chunk))
+                    walls[name] += time.perf_counter() - started
+            for name, generations in produced.items():
                 tokens_of[name] = sum(g.n_output_tokens or 0 for g in generations)
                 tpot = statistics.median(g.tpot_s for g in generations if g.tpot_s is not None)
-                runs[name].append((tokens_of[name] / wall, tpot))
+                runs[name].append((tokens_of[name] / walls[name], tpot))
                 if name != "none":
                     masking[name].append(_mask_split(generations))
         for eng in engines.values():
