@@ -218,13 +218,16 @@ def _engine_mask_code(eng: Any, sequences: list[list[int]]) -> float:
     logits = torch.zeros(1, eng.describe()["vocab_size"])
     bitmask = eng._new_bitmask(1)
     spent, steps = 0.0, 0
-    with _MaskThreads(mask_threads()) as threads:
+    threads = _MaskThreads(mask_threads())
+    try:
         for ids in sequences:
             slot = _Slot(request=None, prompt_ids=[], generator=None, matcher=eng._grammar.matcher())
             for token in ids:
                 eng._apply_masks(logits, eng._start_masks(threads, bitmask, [slot]))
                 slot.matcher.accept(token)
             spent, steps = spent + slot.mask_s, steps + slot.mask_steps
+    finally:
+        threads.close()
     return spent / steps
 
 

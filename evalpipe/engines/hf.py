@@ -432,7 +432,7 @@ class _MaskFill:
 
 
 class _MaskThreads:
-    """The threads that fill masks beside the forward pass, for one batch (none without a grammar).
+    """The threads that fill masks beside the forward pass.
 
     Plain threads woken by a lock, not an executor: a step hands over work with one lock release, and a
     thread holds the GIL only for a few lines around each row's fill.
@@ -472,12 +472,10 @@ class _MaskThreads:
             if wake.locked():
                 wake.release()
 
-    def __enter__(self) -> _MaskThreads:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        # Waits for threads that are still at work on a fill the decoding thread no longer needs (only after
-        # an error or an early close): their matchers must not be freed under them.
+    def close(self) -> None:
+        """Stop the threads. Waits for one still at work on a fill that no decoding thread waits for (after
+        an error, or a batch left half-way): its matchers must not be freed under it. A fill started after
+        this is done by its decoding thread alone."""
         self._closed = True
         self._wake(len(self._wakes))
         for thread in self._threads:
@@ -503,6 +501,10 @@ class HFEngine:
 
     PLANS_FROM_CONFIG: ClassVar[bool] = True
     """Requests are `plan_requests(...)`: see `evalpipe.engines.base.plans_from_config`."""
+
+    _mask_threads: _MaskThreads | None = None
+    """Started by the first constrained batch, kept for the engine's life (starting threads on a busy host
+    takes milliseconds: too much to pay per batch), stopped by `close`."""
 
     def __init__(
         self,
@@ -685,6 +687,9 @@ class HFEngine:
             self._closed = True
             _release_model(self._loaded, self._device)
         self._grammar = None
+        if self._mask_threads is not None:
+            self._mask_threads.close()
+            self._mask_threads = None
 
     # -- decoding ------------------------------------------------------------------------------------------
 
@@ -711,12 +716,9 @@ class HFEngine:
         runs on this one: both need only the tokens chosen so far, which `_advance` has accepted into the
         matchers before the next step starts.
         """
-        with _MaskThreads(mask_threads() if self._grammar is not None else 0) as threads:
-            yield from self._decode_with(slots, threads)
-
-    def _decode_with(
-        self, slots: list[_Slot], threads: _MaskThreads
-    ) -> Iterator[tuple[Generation, list[int]]]:
+        threads = self._mask_threads
+        if threads is None and self._grammar is not None:
+            threads = self._mask_threads = _MaskThreads(mask_threads())
         device = self._device
         longest = max(len(s.prompt_ids) for s in slots)
         input_ids = torch.tensor(
@@ -739,7 +741,9 @@ class HFEngine:
         started = now()
         with torch.inference_mode():
             # The first masks (start states) are filled during the prefill.
-            masks = None if bitmask is None else self._start_masks(threads, bitmask, active)
+            masks = None
+            if threads is not None and bitmask is not None:
+                masks = self._start_masks(threads, bitmask, active)
             while True:
                 logits = (
                     self._model(
@@ -782,7 +786,7 @@ class HFEngine:
                 positions = positions[:, -1:] + 1
                 # Started after the yields above, right before the forward pass: the fill is hidden behind
                 # the forward pass only, never behind time the consumer holds us.
-                if bitmask is not None:
+                if threads is not None and bitmask is not None:
                     masks = self._start_masks(threads, bitmask, active)
 
     def _new_bitmask(self, rows: int) -> torch.Tensor:

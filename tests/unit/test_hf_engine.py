@@ -355,3 +355,17 @@ def test_overlapped_masks_keep_greedy_output_at_every_batch_size(
     assert by_batch[1] == serial_greedy_ids(suite, model_dir, backend)
     assert len({tuple(ids) for ids in by_batch[1]}) > 1  # prompts change the output: the test means something
     assert any(len(ids) > 10 for ids in by_batch[1])  # masks at many steps, not just the first
+
+
+def test_close_stops_the_mask_threads(suite: Suite, model_dir: Path) -> None:
+    import threading
+
+    def mask_threads() -> int:
+        return sum(thread.name == "evalpipe-masks" for thread in threading.enumerate())
+
+    before = mask_threads()
+    engine = HFEngine(config("guidance"), suite, str(model_dir), "guidance", batch_size=2)
+    list(engine.generate(engine.plan(TASKS)))
+    assert mask_threads() > before  # kept from batch to batch
+    engine.close()
+    assert mask_threads() == before
