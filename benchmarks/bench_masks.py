@@ -12,7 +12,11 @@
 2. **Speed.** Constrained vs unconstrained decoding of the same model and prompts, with the same work shape
    (`none` runs without stop sequences, so every run decodes max_tokens per prompt): output tokens per second
    of wall time per backend and batch size, and the median TPOT; ratio against `none` (target: at least 0.9).
-   Backends alternate within each repeat; medians and the best run are printed (the host is shared).
+   Backends alternate batch by batch within each repeat, in a rotating order; medians and the best run are
+   printed (the host is shared).
+   With each grammar backend, the engine's mask time per token is split into the part hidden behind the
+   forward pass (the engine fills the next step's masks on a mask thread while the forward pass runs) and the
+   part that was not (`mask_unhidden_s_per_token`: handing the fill over, waiting for it, applying it).
 
     python benchmarks/bench_masks.py                       # built-in model, the suite's grammar
     python benchmarks/bench_masks.py --lark G.lark --gbnf G.gbnf --tasks 6 --max-tokens 96
@@ -39,14 +43,14 @@ def main() -> None:
     parser.add_argument("--suite", default="humaneval")
     parser.add_argument("--lark", help="grammar for llguidance (default: the suite's)")
     parser.add_argument("--gbnf", help="the same grammar as GBNF for XGrammar (default: the suite's)")
-    parser.add_argument("--tasks", type=int, default=6)
+    parser.add_argument("--tasks", type=int, default=8, help="prompts (8: a full batch at batch size 8)")
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-sizes", default="1,6")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
-    from evalpipe.engines.hf import HFEngine, cpu_threads
+    from evalpipe.engines.hf import HFEngine, cpu_threads, mask_threads
     from evalpipe.pipeline import load_tasks
     from evalpipe.records import RunConfig
     from evalpipe.suites import ConstraintSpec, load_suite
@@ -74,8 +78,13 @@ def main() -> None:
         return HFEngine(config, suite, args.model, backend, batch_size=batch_size)
 
     print(f"model {args.model}, {len(tasks)} HumanEval prompts, max_tokens {args.max_tokens}, greedy, "
-          f"torch threads {cpu_threads()}")  # fmt: skip
-    results: dict[str, Any] = {"overhead": {}, "speed": {}}
+          f"torch threads {cpu_threads()}, mask threads {mask_threads()}")  # fmt: skip
+    results: dict[str, Any] = {
+        "torch_threads": cpu_threads(),
+        "mask_threads": mask_threads(),
+        "overhead": {},
+        "speed": {},
+    }
 
     # 1. Mask overhead: engine vs bare loops over the same tokens.
     for backend in ("guidance", "xgrammar"):
@@ -127,15 +136,28 @@ def main() -> None:
         for eng in engines.values():
             list(eng.generate(eng.plan(tasks[:1])))  # warm-up
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
+        masking: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
         tokens_of: dict[str, int] = {}
-        for _ in range(args.repeats):
-            for name, eng in engines.items():  # alternate backends so that load changes hit all of them
-                started = time.perf_counter()
-                generations = list(eng.generate(eng.plan(tasks)))
-                wall = time.perf_counter() - started
+        names = list(engines)
+        chunks = [tasks[i : i + batch_size] for i in range(0, len(tasks), batch_size)]
+        for repeat in range(args.repeats):
+            # Backends alternate batch by batch (each a second or so), in an order that rotates, so that the
+            # load of a shared host hits all of them alike; a repeat's figures sum over its batches.
+            walls = dict.fromkeys(names, 0.0)
+            produced: dict[str, list[Any]] = {name: [] for name in names}
+            for index, chunk in enumerate(chunks):
+                shift = (repeat + index) % len(names)
+                for name in names[shift:] + names[:shift]:
+                    eng = engines[name]
+                    started = time.perf_counter()
+                    produced[name] += eng.generate(eng.plan(chunk))
+                    walls[name] += time.perf_counter() - started
+            for name, generations in produced.items():
                 tokens_of[name] = sum(g.n_output_tokens or 0 for g in generations)
                 tpot = statistics.median(g.tpot_s for g in generations if g.tpot_s is not None)
-                runs[name].append((tokens_of[name] / wall, tpot))
+                runs[name].append((tokens_of[name] / walls[name], tpot))
+                if name != "none":
+                    masking[name].append(_mask_split(generations))
         for eng in engines.values():
             eng.close()
         base_tps = statistics.median(r[0] for r in runs["none"])
@@ -157,30 +179,55 @@ def main() -> None:
                 "tpot_ratio": base_tpot / tpot,
                 "runs_tokens_per_s": [r[0] for r in measured],
             }
+            split = ""
+            if masking[name]:
+                mask = statistics.median(m[0] for m in masking[name])
+                unhidden = statistics.median(m[1] for m in masking[name])
+                table[name] |= {
+                    "mask_us_per_token": mask * 1e6,
+                    "mask_unhidden_us_per_token": unhidden * 1e6,
+                    "mask_hidden_us_per_token": (mask - unhidden) * 1e6,
+                    "runs_mask_unhidden_us_per_token": [m[1] * 1e6 for m in masking[name]],
+                }
+                split = (f"   mask {mask * 1e6:6.1f} us/token: hidden {(mask - unhidden) * 1e6:6.1f}, "
+                         f"unhidden {unhidden * 1e6:6.1f}")  # fmt: skip
             print(f"  {name:9} {tps:7.1f} tok/s [{best:7.1f}] ({tokens_of[name]} tokens): "
                   f"×{tps / base_tps:.3f} [×{best / best_tps:.3f}]   "
-                  f"TPOT {tpot * 1e3:6.2f} ms: ×{base_tpot / tpot:.3f}")  # fmt: skip
+                  f"TPOT {tpot * 1e3:6.2f} ms: ×{base_tpot / tpot:.3f}{split}")  # fmt: skip
         results["speed"][str(batch_size)] = table
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
+def _mask_split(generations: list[Any]) -> tuple[float, float]:
+    """(mask seconds per output token, the part of it not hidden behind the forward pass) over a run."""
+    tokens = sum(g.n_output_tokens or 0 for g in generations)
+    mask = sum((g.mask_s_per_token or 0) * (g.n_output_tokens or 0) for g in generations)
+    unhidden = sum((g.mask_unhidden_s_per_token or 0) * (g.n_output_tokens or 0) for g in generations)
+    return mask / tokens, unhidden / tokens
+
+
 def _engine_mask_code(eng: Any, sequences: list[list[int]]) -> float:
-    """The engine's own mask step (`HFEngine._mask`: fill, apply, per-sequence timing) run back to back over
-    the sequences, without the model: evalpipe's code against the bare loop, with hot caches for both."""
+    """The engine's own mask step (`HFEngine._start_masks` on its mask threads, then `_apply_masks`: fill,
+    apply, per-sequence timing) run back to back over the sequences, without the model: evalpipe's code
+    against the bare loop, with hot caches for both."""
     import torch
 
-    from evalpipe.engines.hf import _Slot
+    from evalpipe.engines.hf import _MaskThreads, _Slot, mask_threads
 
     logits = torch.zeros(1, eng.describe()["vocab_size"])
     bitmask = eng._new_bitmask(1)
     spent, steps = 0.0, 0
-    for ids in sequences:
-        slot = _Slot(request=None, prompt_ids=[], generator=None, matcher=eng._grammar.matcher())
-        for token in ids:
-            eng._mask(logits, bitmask, [slot])
-            slot.matcher.accept(token)
-        spent, steps = spent + slot.mask_s, steps + slot.mask_steps
+    threads = _MaskThreads(mask_threads())
+    try:
+        for ids in sequences:
+            slot = _Slot(request=None, prompt_ids=[], generator=None, matcher=eng._grammar.matcher())
+            for token in ids:
+                eng._apply_masks(logits, eng._start_masks(threads, bitmask, [slot]))
+                slot.matcher.accept(token)
+            spent, steps = spent + slot.mask_s, steps + slot.mask_steps
+    finally:
+        threads.close()
     return spent / steps
 
 

@@ -80,6 +80,8 @@ class Generation(Record):
     grammar_cache_hit: bool | None = None
     mask_s_per_token: float | None = None
     """Mean time spent computing and applying the token mask per output token."""
+    mask_unhidden_s_per_token: float | None = None
+    """The part of `mask_s_per_token` that was not hidden behind the forward pass (it adds to TPOT)."""
     constraint_satisfied: bool | None = None
     """Whether the text satisfies the constraint, checked apart from the backend (None: no constraint)."""
     effective_backend: str

@@ -85,6 +85,7 @@ def score_runs(
                 ("e2e_s", summarize(g.e2e_s for g in gens)),
                 ("tokens_per_s", summarize(_tokens_per_s(g) for g in gens)),
                 ("mask_s_per_token", summarize(g.mask_s_per_token for g in gens)),
+                ("mask_unhidden_s_per_token", summarize(g.mask_unhidden_s_per_token for g in gens)),
             )
             if summary is not None
         }

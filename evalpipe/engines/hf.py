@@ -6,12 +6,15 @@ The decode loop is our own (not `model.generate`) so that masking, stopping and 
   step for every unfinished sequence of the batch, prompts left-padded, with an attention mask and explicit
   position ids so that padding changes nothing (greedy output is the same at any batch size). Finished
   sequences are dropped from the KV cache (`DynamicCache.batch_select_indices`) so they cost nothing more.
-- **Masks.** Before each sampling step, every constrained sequence's matcher fills its row of an int32
-  bitmask (llguidance: `llguidance.torch.fill_next_token_bitmask`; XGrammar:
-  `GrammarMatcher.fill_next_token_bitmask`); the rows are applied to the logits in one
+- **Masks.** Each step's masks are filled while that step's forward pass runs: both depend only on the tokens
+  chosen so far, so once a step's tokens are chosen and accepted into the matchers (`_advance`), the mask
+  threads (`mask_threads`) start filling one int32 bitmask row per constrained sequence and the decoding
+  thread starts the forward pass. Both backends release the GIL while they fill a row, as torch does inside
+  its kernels, so the two run side by side. When the forward pass is done, the decoding thread fills the
+  rows no mask thread has taken yet (see `_MaskFill`), then applies all rows to the logits in one
   `xgrammar.apply_token_bitmask_inplace` call (its native CPU kernel on CPU: llguidance's own apply is
   `torch.compile`d and costs over a minute on its first CPU call). Both matchers allow EOS only where the
-  grammar accepts.
+  grammar accepts; a token a matcher rejects ends its sequence with an error.
 - **Ending** follows `evalpipe.completion` in every arm: EOS, the suite's stop sequences (checked on the
   decoded tail, a stop at the very start included; constrained arms too, where the grammar lets them write
   one), or max tokens.
@@ -27,18 +30,24 @@ Timing (what each Generation reports), for a sequence in a batch:
   (e2e - ttft) / (tokens - 1). Every step's whole wall time counts for each sequence in that step, as it does
   for a request in a vLLM batch; sequences of one batch share a prefill, so a short prompt's TTFT includes the
   longer prompts' prefill. Time spent outside the engine while it has yielded a record is not counted.
-- `mask_s_per_token`: the sequence's own matcher time (fill) plus an equal share of the batched apply, divided
-  by the number of masked steps.
+- `mask_s_per_token`: the sequence's own fill time (on whichever thread filled its row) plus an equal share of
+  the batched apply, divided by the number of masked steps.
+- `mask_unhidden_s_per_token`: an equal share of each step's mask time that the forward pass did not hide
+  (starting the fill, completing it after the forward pass, the apply), divided likewise. At batch size 1 it
+  is what masks add to TPOT; in a batch of n, about n times it. It leaves out what sharing the cores costs the
+  forward pass itself; the tokens/s ratio in `benchmarks/bench_masks.py` shows the whole cost.
 - `grammar_compile_s` / `grammar_cache_hit`: the engine's one compile (or disk-cache load) for this grammar,
   the same on every sample; it is never part of a sample's latency.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
 import tempfile
@@ -113,6 +122,26 @@ def cpu_threads() -> int:
         except ValueError:
             raise UserError(f"EVALPIPE_TORCH_THREADS must be a number, not {configured!r}") from None
     return max(1, len(os.sched_getaffinity(0)) // 2)
+
+
+def mask_threads() -> int:
+    """Threads that fill token masks beside the forward pass: `$EVALPIPE_MASK_THREADS`, else the usable cores
+    that torch does not take (at least one).
+
+    Torch keeps its half (see `cpu_threads`): its pool stalls at every op when one of its cores is busy, and
+    the forward pass is the critical path. The masks take the other half, which they share with the sandbox:
+    a mask thread works only during the fill of each step, its rows are independent (a busy core delays
+    that thread alone, no barrier), and it is hidden as long as it ends before the forward pass does. On two
+    cores: one torch thread, one mask thread (and the decoding thread fills rows too once its forward pass is
+    done).
+    """
+    configured = os.environ.get("EVALPIPE_MASK_THREADS")
+    if configured:
+        try:
+            return max(1, int(configured))
+        except ValueError:
+            raise UserError(f"EVALPIPE_MASK_THREADS must be a number, not {configured!r}") from None
+    return max(1, len(os.sched_getaffinity(0)) - cpu_threads())
 
 
 def online() -> bool:
@@ -211,7 +240,10 @@ class _GuidanceMatcher:
         self._m = matcher
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        llguidance.torch.fill_next_token_bitmask(self._m, bitmask, row)
+        # `llguidance.torch.fill_next_token_bitmask` without its checks and row slicing (torch calls that
+        # bounce the GIL on a mask thread); `_new_bitmask` makes a contiguous int32 CPU tensor.
+        row_bytes = bitmask.shape[1] * 4
+        self._m.unsafe_compute_mask_ptr(bitmask.data_ptr() + row * row_bytes, row_bytes)
 
     def accept(self, token: int) -> bool:
         return bool(self._m.consume_token(token))
@@ -360,9 +392,119 @@ class _Slot:
     first_s: float | None = None
     end_s: float | None = None
     mask_s: float = 0.0
+    mask_unhidden_s: float = 0.0
     mask_steps: int = 0
     finish: FinishReason | None = None
     error: str | None = None
+
+
+class _MaskFill:
+    """One step's token masks: row i of `bitmask` for `slots[i]`, filled row by row by the mask threads while
+    the forward pass runs, and by the decoding thread itself once the forward pass is done (`finish`).
+
+    Both backends release the GIL while they fill a row, so rows fill in parallel, and beside torch's kernels
+    (which release it too). A row is taken by exactly one thread. The decoding thread joining in means a
+    mask thread that the OS has not scheduled yet (a shared, busy host) never makes a step wait longer than
+    filling every row on the decoding thread would, and a fill longer than the forward pass gets every thread.
+    """
+
+    def __init__(self, bitmask: torch.Tensor, slots: list[_Slot]) -> None:
+        self.bitmask = bitmask
+        self.slots = slots
+        self._rows = itertools.count()  # `next` on it is atomic: each row goes to one thread
+        self._count_lock = threading.Lock()
+        self._left = len(slots)
+        self._done = threading.Lock()  # held until the last row is filled
+        self._done.acquire()
+        self._error: BaseException | None = None
+
+    def work(self) -> None:
+        """Fill rows until none is left to take; each row's fill time is charged to its sequence."""
+        while (row := next(self._rows)) < len(self.slots):
+            slot = self.slots[row]
+            try:
+                assert slot.matcher is not None
+                started = time.perf_counter()
+                slot.matcher.fill(self.bitmask, row)
+                slot.mask_s += time.perf_counter() - started
+            except BaseException as error:  # re-raised on the decoding thread by `finish`
+                self._error = error
+            with self._count_lock:
+                self._left -= 1
+                if not self._left:
+                    self._done.release()
+
+    def finish(self) -> None:
+        """Fill the rows no mask thread has taken yet, wait for those being filled, raise a fill's error."""
+        self.work()
+        self._done.acquire()
+        if self._error is not None:
+            raise self._error
+
+
+class _MaskThreads:
+    """The threads that fill masks beside the forward pass.
+
+    Plain threads woken by a lock, not an executor: a step hands over work with one lock release, and a
+    thread holds the GIL only for a few lines around each row's fill.
+    """
+
+    def __init__(self, count: int) -> None:
+        self._fill: _MaskFill | None = None
+        self._closed = False
+        self._wakes = [threading.Lock() for _ in range(count)]
+        self._threads = [
+            threading.Thread(target=self._run, args=(wake,), name="evalpipe-masks", daemon=True)
+            for wake in self._wakes
+        ]
+        for wake, thread in zip(self._wakes, self._threads, strict=True):
+            wake.acquire()
+            thread.start()
+
+    def _run(self, wake: threading.Lock) -> None:
+        _no_wakeup_preemption()
+        while True:
+            wake.acquire()
+            if self._closed:
+                return
+            fill = self._fill  # the newest fill: a thread woken late finds the older ones done
+            if fill is not None:
+                fill.work()
+
+    def start(self, fill: _MaskFill) -> None:
+        """Wake up to one thread per row."""
+        self._fill = fill
+        self._wake(len(fill.slots))
+
+    def _wake(self, count: int) -> None:
+        for wake in self._wakes[:count]:
+            # Only this thread releases and only the mask thread acquires; an unlocked one is a wake-up the
+            # thread has not taken yet, which will find the newest fill.
+            if wake.locked():
+                wake.release()
+
+    def close(self) -> None:
+        """Stop the threads. Waits for one still at work on a fill that no decoding thread waits for (after
+        an error, or a batch left half-way): its matchers must not be freed under it. A fill started after
+        this is done by its decoding thread alone."""
+        self._closed = True
+        self._wake(len(self._wakes))
+        for thread in self._threads:
+            thread.join()
+
+
+def _no_wakeup_preemption() -> None:
+    """Linux's SCHED_BATCH for the calling thread: the same share of the CPU as before, but being woken up no
+    longer preempts the thread running on that core.
+
+    Waking a mask thread at every step otherwise preempts the decoding thread, which on a busy host then waits
+    out other processes' time slices: with 2 cores at a load average of about 9, starting a step's fill took
+    the decoding thread 0.7-1.7 ms on average (median 0.02 ms), and 0.03-0.07 ms with SCHED_BATCH. Best
+    effort: elsewhere, or where it is not allowed, the thread keeps the default policy.
+    """
+    if hasattr(os, "SCHED_BATCH"):
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 
 
 class HFEngine:
@@ -383,6 +525,10 @@ class HFEngine:
                 raise UserError(
                     f"engine 'hf' supports backends {', '.join(SUPPORTED_BACKENDS)}; not {backend!r}"
                 )
+
+    _mask_threads: _MaskThreads | None = None
+    """Started by the first constrained batch, kept for the engine's life (starting threads on a busy host
+    takes milliseconds: too much to pay per batch), stopped by `close`."""
 
     def __init__(
         self,
@@ -600,6 +746,9 @@ class HFEngine:
             self._closed = True
             _release_model(self._loaded)
         self._grammar = None
+        if self._mask_threads is not None:
+            self._mask_threads.close()
+            self._mask_threads = None
 
     # -- decoding ------------------------------------------------------------------------------------------
 
@@ -621,7 +770,15 @@ class HFEngine:
         return _Slot(request, prompt_ids, generator, matcher, lead, self._config.max_tokens)
 
     def _decode(self, slots: list[_Slot]) -> Iterator[tuple[Generation, list[int]]]:
-        """Decode one batch to the end, yielding each sequence as it finishes."""
+        """Decode one batch to the end, yielding each sequence as it finishes.
+
+        With a grammar, each step's masks are filled on a mask thread while the forward pass of that step
+        runs on this one: both need only the tokens chosen so far, which `_advance` has accepted into the
+        matchers before the next step starts.
+        """
+        threads = self._mask_threads
+        if threads is None and self._grammar is not None:
+            threads = self._mask_threads = _MaskThreads(mask_threads())
         device = self._device
         longest = max(len(s.prompt_ids) for s in slots)
         input_ids = torch.tensor(
@@ -643,6 +800,10 @@ class HFEngine:
 
         started = now()
         with torch.inference_mode():
+            # The first masks (start states) are filled during the prefill.
+            masks = None
+            if threads is not None and bitmask is not None:
+                masks = self._start_masks(threads, bitmask, active)
             while True:
                 logits = (
                     self._model(
@@ -656,8 +817,8 @@ class HFEngine:
                     .logits[:, -1, : self._logits_width]
                     .float()
                 )
-                if bitmask is not None:
-                    self._mask(logits, bitmask, active)
+                if masks is not None:
+                    self._apply_masks(logits, masks)
                 tokens = self._choose(logits, active)
                 step_end = now()
                 keep: list[int] = []
@@ -683,31 +844,52 @@ class HFEngine:
                 input_ids = torch.tensor(next_ids, device=device).unsqueeze(1)
                 attention = torch.cat([attention, attention.new_ones((len(active), 1))], dim=1)
                 positions = positions[:, -1:] + 1
+                # Started after the yields above, right before the forward pass: the fill is hidden behind
+                # the forward pass only, never behind time the consumer holds us.
+                if threads is not None and bitmask is not None:
+                    masks = self._start_masks(threads, bitmask, active)
 
     def _new_bitmask(self, rows: int) -> torch.Tensor:
         shape = (rows, (self._mask_width + 31) // 32)
-        # Pinned memory makes the copy to the GPU asynchronous; on CPU there is nothing to copy.
+        # Pinned memory makes the copy to the GPU asynchronous; on CPU there is nothing to copy. The next
+        # step's fill overwrites it only after `_choose` has synchronised with the GPU (`tolist`).
         return torch.full(shape, -1, dtype=torch.int32, pin_memory=self._device != "cpu")
 
-    def _mask(self, logits: torch.Tensor, bitmask: torch.Tensor, active: list[_Slot]) -> None:
-        """Fill each sequence's bitmask row and apply all rows at once; time it per sequence."""
-        for row, slot in enumerate(active):
-            started = time.perf_counter()
-            assert slot.matcher is not None
-            slot.matcher.fill(bitmask, row)
-            slot.mask_s += time.perf_counter() - started
+    def _start_masks(
+        self, threads: _MaskThreads, bitmask: torch.Tensor, active: list[_Slot]
+    ) -> tuple[_MaskFill, float]:
+        """Start filling the masks of `active` (every matcher has accepted its last token) on the mask
+        threads; until `_apply_masks` returns, the matchers belong to the fill. Returns the fill and what
+        starting it cost this thread."""
         started = time.perf_counter()
-        rows = bitmask if len(active) == len(bitmask) else bitmask[: len(active)]
+        fill = _MaskFill(bitmask, list(active))
+        threads.start(fill)
+        return fill, time.perf_counter() - started
+
+    def _apply_masks(self, logits: torch.Tensor, started: tuple[_MaskFill, float]) -> None:
+        """Complete the fill begun before the forward pass, apply all rows at once, and charge each sequence
+        its own fill time plus a share of the apply (`mask_s`), and a share of what the forward pass did not
+        hide (`mask_unhidden_s`: starting the fill, completing it after the forward pass, the apply)."""
+        fill, handoff_s = started
+        completing = time.perf_counter()
+        fill.finish()
+        applying = time.perf_counter()
+        rows = fill.slots
+        bitmask = fill.bitmask[: len(rows)]
         if logits.device.type == "cpu":
-            xgrammar.apply_token_bitmask_inplace(logits, rows, vocab_size=self._logits_width, backend="cpu")
+            xgrammar.apply_token_bitmask_inplace(
+                logits, bitmask, vocab_size=self._logits_width, backend="cpu"
+            )
         else:
             xgrammar.apply_token_bitmask_inplace(
-                logits, rows.to(logits.device, non_blocking=True), vocab_size=self._logits_width,
+                logits, bitmask.to(logits.device, non_blocking=True), vocab_size=self._logits_width,
                 backend=_gpu_apply_backend(),
             )  # fmt: skip
-        share = (time.perf_counter() - started) / len(active)
-        for slot in active:
-            slot.mask_s += share
+        apply_s = time.perf_counter() - applying
+        unhidden = (handoff_s + (applying - completing) + apply_s) / len(rows)
+        for slot in rows:
+            slot.mask_s += apply_s / len(rows)
+            slot.mask_unhidden_s += unhidden
             slot.mask_steps += 1
 
     def _choose(self, logits: torch.Tensor, active: list[_Slot]) -> list[int]:
@@ -773,6 +955,7 @@ class HFEngine:
             grammar_compile_s=None if grammar is None else grammar.compile_s,
             grammar_cache_hit=None if grammar is None else grammar.cache_hit,
             mask_s_per_token=slot.mask_s / slot.mask_steps if slot.mask_steps else None,
+            mask_unhidden_s_per_token=slot.mask_unhidden_s / slot.mask_steps if slot.mask_steps else None,
             constraint_satisfied=constraint_satisfied(self._constraint, completion),
             effective_backend=self._effective,
             error=slot.error or completion.error,
