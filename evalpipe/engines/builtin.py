@@ -46,10 +46,11 @@ ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-"""The built-in model's chat template: each message opens with its role's token; a reply ends with EOS."""
+"""The built-in model's chat template: each message opens with its role's token and a newline; a reply ends
+with EOS. The chat training documents are rendered with it, so a change to it needs a new RECIPE name."""
 
 RECIPE: dict[str, Any] = {
     "name": "builtin-v2",

@@ -107,3 +107,24 @@ def test_a_chat_exchange_asks_with_the_docstring_and_answers_with_the_function()
     _, answer = builtin.chat_reply(document, "{prompt}", "json") or ("", "")
     assert json_field(answer, "code") == document
     assert builtin.chat_reply("def g():\n    return 1\n", "{prompt}", "fence") is None
+
+
+def test_chat_documents_follow_the_chat_template() -> None:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    documents = builtin.training_documents(builtin.read_corpus([root / "textwrap.py"]), seed=1)
+    tokenizer = builtin.train_tokenizer(documents, 400)
+    tokenizer.chat_template = builtin.CHAT_TEMPLATE
+    instructions = builtin.RECIPE["chat_instructions"]
+    chats = builtin.chat_documents(tokenizer, documents, 0.5, instructions)
+    assert len(chats) == round(0.5 * len(documents))
+    for chat, (text, answer) in zip(chats, instructions * len(chats), strict=False):
+        user, _, reply = chat.removeprefix("<|user|>\n").partition("<|assistant|>\n")
+        assert user.startswith(text[:40]) and user.endswith('"""\n```')
+        code = json_field(reply, "code") if answer == "json" else code_block(reply)
+        assert code is not None and code in documents
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert prompt == "<|user|>\nhi<|assistant|>\n"
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert tokens[0] == "<|user|>" and "<|assistant|>" in tokens
