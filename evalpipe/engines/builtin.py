@@ -1,9 +1,13 @@
 """The built-in model: a tiny Llama trained on this machine's Python standard library, for offline tests.
 
 `builtin_model_dir()` builds it on first use, without network, from data every Python install carries: the
-standard library's own `.py` files. It trains a byte-level BPE tokenizer and a small `LlamaForCausalLM` for
-a fixed number of steps with fixed seeds, then saves both with `save_pretrained` into the cache. Its pass@k
-is meaningless; its syntax validity and latency are not, which is what the engine needs to be exercised.
+standard library's own `.py` files. Its training documents are the modules' top-level functions, each with
+the imports it uses before it and EOS after it, shaped like a HumanEval prompt and its solution, so that the
+model ends a function body where code ends one (EOS, or a new top-level line) instead of running on to max
+tokens; a share of them are also chat exchanges in the chat suites' formats (the tokenizer has a chat
+template). It trains a byte-level BPE tokenizer and a small `LlamaForCausalLM` for a fixed number of steps
+with fixed seeds, then saves both with `save_pretrained` into the cache. Its pass@k is meaningless; its syntax
+validity, stopping behaviour and latency are not, which is what the engine needs to be exercised.
 
 `build_random_model(dir)` makes a tiny randomly initialised Llama and a quickly trained tokenizer in about a
 second, for tests.
@@ -14,11 +18,13 @@ already cached costs nothing.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import fcntl
 import hashlib
 import json
 import math
+import random
 import shutil
 import sys
 import sysconfig
@@ -35,13 +41,41 @@ if TYPE_CHECKING:
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+"""Special tokens that open a chat message (`CHAT_TEMPLATE`)."""
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+"""The built-in model's chat template: each message opens with its role's token and a newline; a reply ends
+with EOS. The chat training documents are rendered with it, so a change to it needs a new RECIPE name."""
 
 RECIPE: dict[str, Any] = {
-    "name": "builtin-v1",
+    "name": "builtin-v2",
     # The corpus depends on the Python version, so the model does too.
     "python": f"{sys.version_info.major}.{sys.version_info.minor}",
     "corpus": "stdlib *.py, without test/tests/idle_test/lib2to3/site-packages, sorted by path",
-    "vocab_size": 8192,
+    "documents": "each top-level function with the imports it uses, then EOS (function_documents)",
+    # A share of the functions also appear as chat exchanges, in the chat suites' instruction formats (copies
+    # of evalpipe.prompting.CHAT_INSTRUCTION and tasks/humaneval_json.toml's instruction; the unit test checks
+    # them): the user asks with the signature and docstring, the reply is the function, fenced or as JSON.
+    "chat_share": 0.15,
+    "chat_instructions": [
+        [
+            "Complete the following Python function. Reply with the complete function, signature included, "
+            "in a single ```python code block.\n\n```python\n{prompt}```",
+            "fence",
+        ],
+        [
+            'Complete the following Python function. Reply with only a JSON object {"code": "..."} whose '
+            '"code" string is the complete function, signature included, as Python source.\n\n'
+            "```python\n{prompt}```",
+            "json",
+        ],
+    ],
+    "vocab_size": 2048,
     "hidden_size": 256,
     "intermediate_size": 688,
     "num_hidden_layers": 4,
@@ -49,10 +83,10 @@ RECIPE: dict[str, Any] = {
     "num_key_value_heads": 4,
     "max_position_embeddings": 2048,
     "seq_len": 256,
-    "batch_size": 16,
-    "steps": 150,
+    "batch_size": 8,
+    "steps": 600,
     "lr": 3e-3,
-    "warmup_steps": 15,
+    "warmup_steps": 30,
     "weight_decay": 0.01,
     "seed": 1234,
 }
@@ -129,6 +163,41 @@ def read_corpus(paths: list[Path]) -> list[str]:
     return texts
 
 
+def function_documents(source: str) -> list[str]:
+    """One training document per top-level function of a module, shaped like a HumanEval prompt + solution.
+
+    A document is the module's imports that the function uses (one per line), two blank lines, and the
+    function's own lines, ending with a newline; nothing follows it but EOS. Trained on these, the model ends
+    a function body the way a file ends, instead of running on. Decorated functions (HumanEval has none) and
+    functions with a line at column 0 inside them (a multi-line string's text: the body grammar forbids
+    such lines) are left out. A module that does not parse gives no documents.
+    """
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    lines = source.splitlines()
+    imports: list[tuple[set[str], str]] = []  # (names the statement binds, the statement)
+    documents = []
+    for node in tree.body:
+        if isinstance(node, ast.Import | ast.ImportFrom) and node.end_lineno == node.lineno:
+            bound = {(alias.asname or alias.name).partition(".")[0] for alias in node.names}
+            imports.append((bound, lines[node.lineno - 1].rstrip()))
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) or node.decorator_list:
+            continue
+        assert node.end_lineno is not None
+        body = lines[node.lineno - 1 : node.end_lineno]
+        if not body[0].startswith(("def ", "async def ")) or any(
+            line[:1] not in ("", " ") for line in body[1:]
+        ):
+            continue
+        used = {name.id for name in ast.walk(node) if isinstance(name, ast.Name)}
+        header = [statement for bound, statement in imports if bound & used and "*" not in bound]
+        text = "\n".join(line.rstrip() for line in body) + "\n"
+        documents.append("\n".join(header) + "\n\n\n" + text if header else text)
+    return documents
+
+
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (GPT-2 style: every byte is representable) with EOS and PAD tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -139,7 +208,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        special_tokens=[EOS_TOKEN, PAD_TOKEN, *ROLE_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -206,6 +275,14 @@ def build_random_model(
 
 def _build_builtin(out: Path, progress: bool) -> None:
     """Train the tokenizer and the model of `RECIPE` and save them into `out`."""
+    build_builtin(out, RECIPE, progress=progress)
+
+
+def build_builtin(out: Path, recipe: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    """Train the tokenizer and the model of `recipe` and save them into `out`; returns the build's record.
+
+    `builtin_model_dir` builds `RECIPE` into the cache; benchmarks/bench_builtin.py builds variants.
+    """
     import torch
     from rich.console import Console
     from rich.progress import (
@@ -217,8 +294,8 @@ def _build_builtin(out: Path, progress: bool) -> None:
         TimeRemainingColumn,
     )
 
-    r = RECIPE
-    started = time.perf_counter()
+    r = recipe
+    started, cpu_started = time.perf_counter(), time.process_time()
     bar = Progress(
         TextColumn("[bold]built-in model[/] {task.description}"),
         BarColumn(),
@@ -232,21 +309,29 @@ def _build_builtin(out: Path, progress: bool) -> None:
     )
     with bar:
         task = bar.add_task("reading the standard library", total=None, info="")
-        paths = stdlib_sources()
-        texts = read_corpus(paths)
+        texts = read_corpus(stdlib_sources())
         corpus_sha = hashlib.sha256("\0".join(texts).encode()).hexdigest()
-        bar.update(task, info=f"{len(texts)} files, {sum(map(len, texts)) / 1e6:.1f} MB")
+        documents = training_documents(texts, r["seed"])
+        bar.update(task, info=f"{len(texts)} files, {len(documents)} functions")
 
         bar.update(task, description="training the tokenizer")
-        tokenizer = train_tokenizer(texts, r["vocab_size"])
+        tokenizer = train_tokenizer(documents, r["vocab_size"])
+        tokenizer.chat_template = CHAT_TEMPLATE
+        chats = chat_documents(tokenizer, documents, r["chat_share"], r["chat_instructions"])
+        documents = documents + chats
+        random.Random(r["seed"]).shuffle(documents)
 
         bar.update(task, description="tokenizing")
         eos = tokenizer.eos_token_id
         stream: list[int] = []
-        # The backend tokenizer itself: whole files exceed model_max_length, fine for a token stream.
-        for encoding in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False):
-            stream += [*encoding.ids, eos]  # EOS between files: the model learns to end a document
+        starts: list[int] = []
+        # The backend tokenizer itself: long documents exceed model_max_length, fine for a token stream.
+        for encoding in tokenizer.backend_tokenizer.encode_batch(documents, add_special_tokens=False):
+            starts.append(len(stream))
+            stream += [*encoding.ids, eos]  # EOS after each function: the model learns to end one
         data = torch.tensor(stream, dtype=torch.long)
+        # Training windows begin where a document begins, as a prompt does.
+        window_starts = torch.tensor([s for s in starts if s + r["seq_len"] <= len(stream)], dtype=torch.long)
         bar.update(task, info=f"{len(stream) / 1e6:.2f} M tokens")
 
         model = _llama(
@@ -263,7 +348,7 @@ def _build_builtin(out: Path, progress: bool) -> None:
         bar.update(
             task, description="training", total=r["steps"], completed=0, info=f"{n_params / 1e6:.1f} M params"
         )
-        loss_value = _train(model, data, bar, task)
+        loss_value = _train(model, data, window_starts, r, bar, task)
 
         bar.update(task, description="saving", info=f"loss {loss_value:.2f}")
         model.save_pretrained(out)
@@ -271,24 +356,88 @@ def _build_builtin(out: Path, progress: bool) -> None:
         elapsed = time.perf_counter() - started
         info = {
             "recipe": r,
-            "recipe_hash": recipe_hash(),
+            "recipe_hash": recipe_hash(r),
             "corpus_files": len(texts),
             "corpus_sha256": corpus_sha,
+            "documents": len(documents),
+            "chat_documents": len(chats),
             "corpus_tokens": len(stream),
             "n_params": n_params,
             "final_loss": loss_value,
             "build_s": round(elapsed, 1),
+            # CPU time of this process (all threads): on a shared machine, wall time alone says little.
+            "build_cpu_s": round(time.process_time() - cpu_started, 1),
             "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
         }
         (out / "evalpipe-builtin.json").write_text(json.dumps(info, indent=2) + "\n")
         bar.update(task, description="done", info=f"loss {loss_value:.2f}, {elapsed:.0f} s")
+    return info
 
 
-def _train(model: Any, data: Any, bar: Any, task: Any) -> float:
+def training_documents(texts: list[str], seed: int) -> list[str]:
+    """Every module's function documents (`function_documents`), in an order shuffled with `seed`."""
+    documents = [document for text in texts for document in function_documents(text)]
+    random.Random(seed).shuffle(documents)
+    return documents
+
+
+def chat_reply(document: str, instruction: str, answer: str) -> tuple[str, str] | None:
+    """A chat exchange made from a function document, in the shape the chat suites ask for.
+
+    The user message is `instruction` around the document up to the end of its docstring (as a HumanEval
+    prompt is); the reply is the whole document, in a ```python fence (`answer="fence"`) or as the JSON object
+    {"code": ...} (`answer="json"`). None for a function without a docstring.
+    """
+    tree = ast.parse(document)
+    function = tree.body[-1]
+    assert isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef)
+    first = function.body[0]
+    if not (
+        isinstance(first, ast.Expr)
+        and isinstance(first.value, ast.Constant)
+        and isinstance(first.value.value, str)
+    ):
+        return None
+    assert first.end_lineno is not None
+    prompt = "".join(document.splitlines(keepends=True)[: first.end_lineno])
+    user = instruction.replace("{prompt}", prompt)
+    if answer == "fence":
+        return user, f"```python\n{document}```"
+    if answer == "json":
+        return user, json.dumps({"code": document})
+    raise ValueError(f"unknown answer shape {answer!r}")
+
+
+def chat_documents(
+    tokenizer: PreTrainedTokenizerFast, documents: list[str], share: float, instructions: list[list[str]]
+) -> list[str]:
+    """Chat documents for the first `share` of `documents` that have a docstring, the instructions in turn.
+
+    Each is the chat template's rendering of the user message (with the generation prompt) followed by the
+    reply; the caller appends EOS, as the template does after an assistant message.
+    """
+    made: list[str] = []
+    wanted = round(share * len(documents))
+    for document in documents:
+        if len(made) >= wanted:
+            break
+        instruction, answer = instructions[len(made) % len(instructions)]
+        exchange = chat_reply(document, instruction, answer)
+        if exchange is None:
+            continue
+        user, reply = exchange
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+        made.append(str(prompt) + reply)
+    return made
+
+
+def _train(model: Any, data: Any, window_starts: Any, r: dict[str, Any], bar: Any, task: Any) -> float:
     """A short AdamW run on random windows of the token stream (fixed seed: the same windows every build)."""
     import torch
 
-    r = RECIPE
     generator = torch.Generator().manual_seed(r["seed"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
 
@@ -302,8 +451,8 @@ def _train(model: Any, data: Any, bar: Any, task: Any) -> float:
     model.train()
     smoothed = float("nan")
     for step in range(r["steps"]):
-        starts = torch.randint(0, len(data) - r["seq_len"] - 1, (r["batch_size"],), generator=generator)
-        batch = torch.stack([data[s : s + r["seq_len"]] for s in starts.tolist()])
+        picks = torch.randint(0, len(window_starts), (r["batch_size"],), generator=generator)
+        batch = torch.stack([data[s : s + r["seq_len"]] for s in window_starts[picks].tolist()])
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         loss = model(input_ids=batch, labels=batch).loss

@@ -229,7 +229,7 @@ def stub_build(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Path]]:
 
 def test_builtin_model_is_built_once_into_the_cache(cache: Path, stub_build: list[Path]) -> None:
     folder = builtin.builtin_model_dir(progress=False)
-    assert folder.parent == cache / "models" and folder.name.startswith("builtin-v1-")
+    assert folder.parent == cache / "models" and folder.name.startswith(f"{builtin.RECIPE['name']}-")
     assert builtin.builtin_model_dir(progress=False) == folder
     assert len(stub_build) == 1
     assert not list(folder.parent.glob(".*tmp-*"))
