@@ -1,8 +1,13 @@
-"""Generate the HumanEval function-body grammar in llguidance's Lark dialect and in XGrammar's EBNF (GBNF).
+"""Generate the HumanEval grammars in llguidance's Lark dialect and in XGrammar's EBNF (GBNF).
 
-Both files are generated from the one definition below, so that they define the same language:
+Two grammars, each printed as a Lark and GBNF twin from the one definition below, so that the twins define
+the same language and the two grammars share their statements and expressions:
 
-    python3 tasks/grammars/generate.py          # (re)write python_body.lark and python_body.gbnf beside it
+- `python_body`: the function body that completes a HumanEval prompt (suite `humaneval`);
+- `python_module_fenced`: a chat reply that is one fenced block of imports and complete function definitions
+  (suite `humaneval_chat`); a top-level function is the body's function-definition rule at width 0.
+
+    python3 tasks/grammars/generate.py          # (re)write the .lark and .gbnf files beside it
     python3 tasks/grammars/generate.py --check  # exit 1 if the committed files differ from its output
 
 Standard library only, deterministic output. The generated files are committed; tests/unit/test_grammars.py
@@ -1036,8 +1041,10 @@ Guarantees: the block's content compiles (up to python_body's holes), and `promp
 prompt's function; every line inside the block ends with a newline.
 Not supported (rejected although valid Python): top-level statements other than imports and function
 definitions (assignments, classes, decorators, `if __name__ == ...`), `from x import *`, top-level lines
-joined by `;`, prose before or after the block, a second block; and everything python_body does not support
-inside a function body (see its header), including column-0 lines inside strings.
+joined by `;`, continuation lines in column 0 (the `)` closing a multi-line import), a top-level function's
+body indented by other than 4 spaces, prose before or after the block,
+a second block; and everything python_body does not support inside a function body (see its header),
+including column-0 lines inside strings.
 """
 
 
