@@ -941,18 +941,18 @@ END = term("END", alt(*STOP_WORDS))
 rule("start", seq(edge, rref(f"block_{BODY_WIDTH}n"), edge, opt(END)))
 
 # ------------------------------------------------------------------------------------------------------------
-# The fenced module (`humaneval_chat`): a chat reply that is one fenced block holding a Python module of imports
-# and top-level function definitions, built from the same statements as the body above: a top-level function
-# is `def_0`, the same definition at width 0, its body a block at the body's width.
+# The fenced module (`humaneval_chat`): a chat reply that is one fenced block holding a Python module of
+# imports and top-level function definitions, built from the same statements as the body above: a top-level
+# function is `def_0`, the same definition at width 0, its body a block at the body's width.
 
 FENCE_LANGS = ("python", "python3", "py")
 """The info strings an opening fence may carry (and none: a bare ```` ``` ````)."""
 FENCE_STOP = "\n```\n"
 """Where a reply ends in every arm: the `humaneval_chat` suite's stop sequence (tests/unit/test_grammars.py
 checks that they agree). Only a closing fence matches it: every line inside the block starts with a space or
-is empty or starts with `def`, `import`, `from` or `#` (no column-0 lines inside strings), and an opening fence
-at the reply's start has no newline before it; where blank lines come first, the opening fence must name its
-language, so that it is not `\n```\n`."""
+is empty or starts with `def`, `import`, `from` or `#` (no column-0 lines inside strings), and an opening
+fence at the reply's start has no newline before it; where blank lines come first, the opening fence must
+name its language, so that it is not `\n```\n`."""
 MODULE_WIDTH = 0
 
 define_def(MODULE_WIDTH)

@@ -302,8 +302,8 @@ UNSUPPORTED: dict[str, str] = {
 # block whose content follows MODULE_PROMPT (`prompt + content` redefines its function), or not.
 # - MODULE_VALID: the content compiles after MODULE_PROMPT and both grammars must accept the reply.
 # - MODULE_INVALID: the content does not compile and both grammars must reject the reply.
-# - MODULE_UNSUPPORTED: not the reply's shape (prose, no fence, no function, two blocks) or a construct outside
-#   the grammar's language (listed in its header): both grammars must reject it.
+# - MODULE_UNSUPPORTED: not the reply's shape (prose, no fence, no function, two blocks) or a construct
+#   outside the grammar's language (listed in its header): both grammars must reject it.
 
 MODULE_PROMPT = 'def f(x):\n    """Docstring."""\n'
 

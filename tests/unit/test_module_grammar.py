@@ -65,8 +65,9 @@ def reply(content: str) -> str:
 
 def test_generated_files_are_up_to_date(generator: ModuleType) -> None:
     assert generator.MODULE.lark_path == LARK and generator.MODULE.gbnf_path == GBNF
-    assert LARK.read_text() == generator.render_lark(generator.MODULE), "run python3 tasks/grammars/generate.py"
-    assert GBNF.read_text() == generator.render_gbnf(generator.MODULE), "run python3 tasks/grammars/generate.py"
+    stale = "run python3 tasks/grammars/generate.py"
+    assert LARK.read_text() == generator.render_lark(generator.MODULE), stale
+    assert GBNF.read_text() == generator.render_gbnf(generator.MODULE), stale
     assert generator.main(["--check"]) == 0
 
 
@@ -260,4 +261,3 @@ def test_engines_agree_on_mutated_canonical_replies(
                     unsound.append((task_id, error, text))
     assert disagreements == [] and unsound == [], (disagreements[:3], unsound[:3])
     assert accepted > 100
-
