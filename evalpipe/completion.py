@@ -40,7 +40,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from evalpipe.errors import UserError
 from evalpipe.records import Task
@@ -123,6 +123,31 @@ def split_reasoning(text: str) -> tuple[str | None, str | None]:
     if closed == -1:
         return text, None
     return text[: closed + len(end)], text[closed + len(end) :]
+
+
+def reasoning_token_ids(tokenizer: Any) -> tuple[int, int] | None:
+    """The ids of `<think>` and `</think>` in a Hugging Face tokenizer where its vocabulary has each as one
+    token (as vLLM's reasoning parsers require), else None: only such a model is taken to reason first."""
+    ids = []
+    for marker in REASONING:
+        token = tokenizer.convert_tokens_to_ids(marker)
+        one_token = list(tokenizer.encode(marker, add_special_tokens=False)) == [token]
+        if not isinstance(token, int) or token == tokenizer.unk_token_id or not one_token:
+            return None
+        ids.append(token)
+    return ids[0], ids[1]
+
+
+def reasoning_length(token_ids: Sequence[int], ids: tuple[int, int] | None) -> int | None:
+    """How many of an output's tokens are the reasoning block it opens with (both markers included; an
+    unclosed block is all of it), or None where it opens with none."""
+    if ids is None or not token_ids or token_ids[0] != ids[0]:
+        return None
+    end = ids[1]
+    for index, token in enumerate(token_ids):
+        if token == end:
+            return index + 1
+    return len(token_ids)
 
 
 def code_block(text: str) -> str:

@@ -57,11 +57,11 @@ import xgrammar
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from evalpipe.completion import (
-    REASONING,
     complete,
     constraint_satisfied,
     find_stop,
     lead_of,
+    reasoning_token_ids,
     stop_sequences,
 )
 from evalpipe.engines.base import GenerationRequest, plan_requests
@@ -392,19 +392,6 @@ class _AfterReasoning:
 
     def error(self) -> str:
         return self._inner.error()
-
-
-def reasoning_token_ids(tokenizer: Any) -> tuple[int, int] | None:
-    """The ids of `<think>` and `</think>` where the vocabulary has each as one token (as the vLLM reasoning
-    parsers require), else None: such a model may reason first."""
-    ids = []
-    for marker in REASONING:
-        token = tokenizer.convert_tokens_to_ids(marker)
-        one_token = list(tokenizer.encode(marker, add_special_tokens=False)) == [token]
-        if not isinstance(token, int) or token == tokenizer.unk_token_id or not one_token:
-            return None
-        ids.append(token)
-    return ids[0], ids[1]
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -43,7 +43,14 @@ from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
 
-from evalpipe.completion import check_suite, complete, constraint_satisfied, stop_sequences
+from evalpipe.completion import (
+    check_suite,
+    complete,
+    constraint_satisfied,
+    reasoning_length,
+    reasoning_token_ids,
+    stop_sequences,
+)
 from evalpipe.engines.base import GenerationRequest, plan_requests
 from evalpipe.errors import RunFailed, UserError
 from evalpipe.prompting import chat_messages, sample_seed
@@ -427,6 +434,10 @@ class VLLMEngine:
         raw = str(completion.text)
         ended = complete(self._suite, request.task, raw)
         n_out = len(completion.token_ids)
+        n_reasoning = None
+        if ended.reasoning is not None:  # a chat reply that opened with <think>: count its reasoning tokens
+            ids = reasoning_token_ids(self._llm.get_tokenizer())
+            n_reasoning = reasoning_length(list(completion.token_ids), ids)
         ttft, tpot, e2e = timings(output.metrics, n_out)
         reason, error = finish_reason(completion.finish_reason)
         effective = self._effective_backend(param)
@@ -438,6 +449,7 @@ class VLLMEngine:
             finish_reason=reason,
             n_prompt_tokens=len(output.prompt_token_ids) if output.prompt_token_ids is not None else None,
             n_output_tokens=n_out,
+            n_reasoning_tokens=n_reasoning,
             ttft_s=ttft,
             tpot_s=tpot,
             e2e_s=e2e,

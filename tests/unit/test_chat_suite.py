@@ -4,8 +4,11 @@ the reply is constrained to one fenced block (python_module_fenced), and a model
 
 from __future__ import annotations
 
+import http.server
+import json
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import llguidance
 import pytest
@@ -123,3 +126,74 @@ def test_a_model_that_reasons_first_is_constrained_after_its_reasoning(
         if backend != "none":
             # the grammar started after `</think>`: the answer is a prefix of a fenced module
             assert answer.lstrip("\n").startswith("```") and viable(answer), answer
+
+
+class _ReasoningServer(http.server.BaseHTTPRequestHandler):
+    """A loopback OpenAI-compatible server like vLLM with a reasoning parser: chat deltas carry the reasoning
+    in `reasoning`, apart from the content; usage counts the reasoning tokens."""
+
+    bodies: ClassVar[list[dict[str, Any]]] = []
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _json(self, status: int, value: Any) -> None:
+        data = json.dumps(value).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        if self.path == "/v1/models":
+            self._json(200, {"object": "list", "data": [{"id": "thinker", "object": "model"}]})
+        else:
+            self._json(200 if self.path == "/health" else 404, {})
+
+    def do_POST(self) -> None:
+        self.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        deltas = [
+            {"role": "assistant", "reasoning": "Double it.\n```\nx * 2\n```\n"},
+            {"reasoning": "Done."},
+            {"content": "```python\ndef f(x):\n    return 2 * x\n"},
+            {"content": "```\n"},
+        ]
+        usage = {
+            "prompt_tokens": 9,
+            "completion_tokens": 30,
+            "completion_tokens_details": {"reasoning_tokens": 12},
+        }
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for number, delta in enumerate(deltas, 1):
+            choice = {"index": 0, "delta": delta, "finish_reason": "stop" if number == len(deltas) else None}
+            self.wfile.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
+        self.wfile.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n".encode())
+
+
+def test_the_openai_engine_keeps_a_servers_separate_reasoning_in_the_raw_text() -> None:
+    from evalpipe.engines.openai import OpenAIEngine
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ReasoningServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        config = RunConfig(
+            suite=SUITE.name, engine="openai", models=("thinker",), backends=("guidance",), max_tokens=64,
+            base_url=url, engine_args={"warmup": "0"},
+        )  # fmt: skip
+        engine = OpenAIEngine(config, SUITE, "thinker", "guidance")
+        tasks, _ = load_humaneval()
+        [generation] = list(engine.generate(engine.plan(tasks[:1])))
+    finally:
+        server.shutdown()
+        thread.join()
+    body = _ReasoningServer.bodies[-1]
+    assert body["messages"][0]["content"].startswith("Complete the following Python function")
+    assert body["stop"] == ["\n```\n"] and body["structured_outputs"]["grammar"].startswith("//")
+    assert generation.raw_text.startswith("<think>Double it.\n```\nx * 2\n```\nDone.</think>```python\n")
+    assert generation.text == "def f(x):\n    return 2 * x\n"  # the answer's block, not the reasoning's
+    assert generation.n_reasoning_tokens == 12 and generation.constraint_satisfied is True

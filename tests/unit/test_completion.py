@@ -9,6 +9,7 @@ from evalpipe.completion import (
     complete,
     constraint_satisfied,
     find_stop,
+    reasoning_length,
     split_reasoning,
     stop_sequences,
 )
@@ -148,3 +149,11 @@ def test_a_reasoning_block_is_kept_out_of_the_answer() -> None:
     assert constraint_satisfied(constraint, unended) is False
     assert split_reasoning(" <think>x</think>y") == (None, " <think>x</think>y")  # only at the very start
     assert complete(HUMANEVAL, TASK, "<think>x</think>    return 1\n").reasoning is None  # raw prompts
+
+
+def test_reasoning_length_counts_the_leading_block_in_tokens() -> None:
+    ids = (7, 8)  # <think>, </think>
+    assert reasoning_length([7, 1, 2, 8, 3, 4], ids) == 4
+    assert reasoning_length([7, 1, 2], ids) == 3  # never closed: all of it
+    assert reasoning_length([1, 7, 8], ids) is None  # a block only counts at the start
+    assert reasoning_length([7, 8], None) is None and reasoning_length([], ids) is None
