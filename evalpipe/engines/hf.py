@@ -15,6 +15,10 @@ The decode loop is our own (not `model.generate`) so that masking, stopping and 
 - **Ending** follows `evalpipe.completion` in every arm: EOS, the suite's stop sequences (checked on the
   decoded tail, a stop at the very start included; constrained arms too, where the grammar lets them write
   one), or max tokens.
+- **Reasoning first** (chat suites, models whose vocabulary has `<think>` and `</think>` as single tokens):
+  the reply's first token may open a reasoning block, which runs unconstrained and without stop sequences to
+  `</think>`; the grammar's matcher starts after it (`_AfterReasoning`), as in vLLM with a reasoning parser.
+  The block's tokens are `n_reasoning_tokens`.
 - **Grammars** are compiled once per engine and held for its life. A slow XGrammar compile (see
   `XGRAMMAR_DISK_CACHE_MIN_S`) is also kept on disk (`CompiledGrammar.serialize_json`, under
   `<cache>/xgrammar/`), keyed by the grammar's sha256, the tokenizer's vocabulary, the mask width, the stop
