@@ -81,6 +81,10 @@ def test_both_twins_load_and_define_the_same_rules_and_terminals() -> None:
         line.split(" ::= ", 1)[0] for line in GBNF.read_text().splitlines() if line and line[0] != "#"
     ]
     assert ["root" if name == "start" else name for name in lark_names] == gbnf_names
+    for path in (LARK, GBNF):
+        text = path.read_text()
+        for phrase in ("Accepts", "Guarantees", "Not supported", "`\\n```\\n`", "python_body"):
+            assert phrase in text, (path.name, phrase)
 
 
 def test_the_statements_are_shared_with_the_body_grammar(generator: ModuleType) -> None:
