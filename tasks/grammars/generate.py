@@ -954,6 +954,12 @@ is empty or starts with `def`, `import`, `from` or `#` (no column-0 lines inside
 fence at the reply's start has no newline before it; where blank lines come first, the opening fence must
 name its language, so that it is not `\n```\n`."""
 MODULE_WIDTH = 0
+MAX_IMPORTS_FIRST = 8
+MAX_MORE_ITEMS = 3
+"""Top-level lines before the first function (imports) and items after it (functions and imports), at most:
+HumanEval's complete functions have at most 1 import and 2 functions. Unbounded, a weak model under the
+constraint writes one function after another until max tokens instead of closing the fence (as it would
+write blank lines without MAX_BLANK_LINES)."""
 
 define_def(MODULE_WIDTH)
 rule(f"suite_{MODULE_WIDTH}n", *suite_alts("n", [BODY_WIDTH]))
@@ -975,9 +981,9 @@ rule(
     "module",
     seq(
         top_blank,
-        star(seq(rref("import_0"), top_blank)),
+        upto(seq(rref("import_0"), top_blank), MAX_IMPORTS_FIRST),
         rref(f"def_{MODULE_WIDTH}"),
-        star(seq(top_blank, rref("item_0"))),
+        upto(seq(top_blank, rref("item_0")), MAX_MORE_ITEMS),
         top_blank,
     ),
 )
@@ -1031,7 +1037,8 @@ edit the generator and rerun it.
 
 Accepts: an opening fence ```` ``` ```` with the info string {langs} or none, then a newline (blank lines
 before it only where it names its language); then `import` / `from ... import` lines and function definitions
-in column 0 (at least one definition), with up to {max_blank} blank or comment lines between them; each
+in column 0 (at least one definition; up to {max_first} imports before it and {max_more} more items after it),
+with up to {max_blank} blank or comment lines between them; each
 function's body is a block indented by 4 spaces, with python_body's statements; then, in column 0, the
 closing fence ```` ``` ````, an optional newline, and the end of the text. The reply ends there in every
 arm: the suite's stop sequence `{stop}` can only match the closing fence, since no line inside the block
@@ -1073,7 +1080,14 @@ def _header(twin: str) -> str:
 def _module_header(twin: str) -> str:
     langs = ", ".join(f"`{lang}`" for lang in FENCE_LANGS)
     stop = FENCE_STOP.encode("unicode_escape").decode()
-    return MODULE_HEADER.format(twin=twin, langs=langs, max_blank=MAX_BLANK_LINES, stop=stop)
+    return MODULE_HEADER.format(
+        twin=twin,
+        langs=langs,
+        max_blank=MAX_BLANK_LINES,
+        stop=stop,
+        max_first=MAX_IMPORTS_FIRST,
+        max_more=MAX_MORE_ITEMS,
+    )
 
 
 BODY = Grammar("python_body", "start", _header)

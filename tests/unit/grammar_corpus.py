@@ -361,6 +361,11 @@ MODULE_VALID: dict[str, str] = {
     "blank_lines_at_the_edges": fenced("\ndef f(x):\n    return x\n\n"),
     "trailing_comment_line": fenced("def f(x):\n    return x\n# done\n"),
     "eight_space_body": fenced("def f(x):\n    if x:\n            return x\n    return 0\n"),
+    "four_functions_and_eight_imports": fenced(
+        "import os\n" * 8
+        + "".join(f"def g{i}():\n    pass\n" for i in range(3))
+        + "def f(x):\n    return x\n"
+    ),
 }
 
 MODULE_INVALID: dict[str, str] = {
@@ -397,4 +402,8 @@ MODULE_UNSUPPORTED: dict[str, str] = {
     "column_0_closing_bracket": fenced("from c import (\n    a,\n)\ndef f(x):\n    return a\n"),
     "column_0_line_in_docstring": fenced('def f(x):\n    """Doc.\nmore\n    """\n    return x\n'),
     "two_space_body": fenced("def f(x):\n  return x\n"),
+    "five_functions": fenced(
+        "".join(f"def g{i}():\n    pass\n" for i in range(4)) + "def f(x):\n    return x\n"
+    ),
+    "nine_imports_first": fenced("import os\n" * 9 + "def f(x):\n    return x\n"),
 }
