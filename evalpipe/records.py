@@ -70,6 +70,9 @@ class Generation(Record):
     finish_reason: FinishReason
     n_prompt_tokens: int | None = None
     n_output_tokens: int | None = None
+    n_reasoning_tokens: int | None = None
+    """Of the output tokens, those of the reasoning block the reply opened with (`</think>` included); None
+    where the reply had none or the engine cannot count them."""
     ttft_s: float | None = None
     """Time to first token."""
     tpot_s: float | None = None

@@ -18,6 +18,10 @@ The decode loop is our own (not `model.generate`) so that masking, stopping and 
 - **Ending** follows `evalpipe.completion` in every arm: EOS, the suite's stop sequences (checked on the
   decoded tail, a stop at the very start included; constrained arms too, where the grammar lets them write
   one), or max tokens.
+- **Reasoning first** (chat suites, models whose vocabulary has `<think>` and `</think>` as single tokens):
+  the reply's first token may open a reasoning block, which runs unconstrained and without stop sequences to
+  `</think>`; the grammar's matcher starts after it (`_AfterReasoning`), as in vLLM with a reasoning parser.
+  The block's tokens are `n_reasoning_tokens`.
 - **Grammars** are compiled once per engine and held for its life. A slow XGrammar compile (see
   `XGRAMMAR_DISK_CACHE_MIN_S`) is also kept on disk (`CompiledGrammar.serialize_json`, under
   `<cache>/xgrammar/`), keyed by the grammar's sha256, the tokenizer's vocabulary, the mask width, the stop
@@ -65,7 +69,14 @@ import torch
 import xgrammar
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from evalpipe.completion import complete, constraint_satisfied, find_stop, lead_of, stop_sequences
+from evalpipe.completion import (
+    complete,
+    constraint_satisfied,
+    find_stop,
+    lead_of,
+    reasoning_token_ids,
+    stop_sequences,
+)
 from evalpipe.engines.base import GenerationRequest, plan_requests
 from evalpipe.engines.builtin import builtin_model_dir
 from evalpipe.engines.common import (
@@ -374,6 +385,65 @@ def _naming(backend: str, error: UserError) -> UserError:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Models that reason first: the reasoning runs free, the grammar and the stop sequences start after it.
+
+
+@dataclass
+class _Reasoning:
+    """Where a chat reply stands with respect to a reasoning block (`completion.REASONING`), token by token:
+    the block is open only where the reply's first token opens it, and ends at the token that closes it."""
+
+    start_id: int
+    end_id: int
+    phase: Literal["first", "reasoning", "answer"] = "first"
+    tokens: int = 0
+    """Output tokens of the block so far (both markers included): the answer starts at this index."""
+
+    def observe(self, token: int) -> None:
+        if self.phase == "first":
+            if token != self.start_id:
+                self.phase = "answer"
+                return
+            self.phase = "reasoning"
+        elif self.phase != "reasoning":
+            return
+        elif token == self.end_id:
+            self.phase = "answer"
+        self.tokens += 1
+
+
+class _AfterReasoning:
+    """A matcher for a model that may reason first: the first token may also open a reasoning block, which
+    runs unconstrained to its closing token; the grammar's matcher starts after it (vLLM's structured outputs
+    with a reasoning parser do the same). `_Reasoning.observe` moves the phase on after each `accept`."""
+
+    __slots__ = ("_inner", "_reasoning")
+
+    def __init__(self, inner: _Matcher, reasoning: _Reasoning) -> None:
+        self._inner, self._reasoning = inner, reasoning
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        phase = self._reasoning.phase
+        if phase == "reasoning":
+            bitmask[row].fill_(-1)
+            return
+        self._inner.fill(bitmask, row)
+        if phase == "first":
+            word, bit = divmod(self._reasoning.start_id, 32)
+            value = int(bitmask[row, word]) | (1 << bit)
+            bitmask[row, word] = value - (1 << 32) if value >= 1 << 31 else value  # int32 bits
+
+    def accept(self, token: int) -> bool:
+        phase = self._reasoning.phase
+        if phase == "reasoning" or (phase == "first" and token == self._reasoning.start_id):
+            return True
+        return self._inner.accept(token)
+
+    def error(self) -> str:
+        return self._inner.error()
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Decoding
 
 
@@ -396,6 +466,8 @@ class _Slot:
     mask_steps: int = 0
     finish: FinishReason | None = None
     error: str | None = None
+    reasoning: _Reasoning | None = None
+    """For chat prompts to a model that may reason first: where the reply is (`_Reasoning`)."""
 
 
 class _MaskFill:
@@ -619,6 +691,8 @@ class HFEngine:
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self._eos_ids or [0])[0]
         )
         self._stops = stop_sequences(self._suite)
+        chat = self._suite.prompt.format == "chat"
+        self._reasoning_ids = reasoning_token_ids(tokenizer) if chat else None
         self._stop_window = max((len(s) for s in self._stops), default=0) + 1
         if self._suite.prompt.format not in ("raw", "chat"):
             raise UserError(f"suite prompt format {self._suite.prompt.format!r} is not raw or chat")
@@ -766,8 +840,13 @@ class HFEngine:
             seed = sample_seed(self._config.seed, request.key.task_id, request.key.index)
             generator = torch.Generator(device=self._device).manual_seed(seed)
         matcher = self._grammar.matcher() if self._grammar is not None else None
+        reasoning = None if self._reasoning_ids is None else _Reasoning(*self._reasoning_ids)
+        if matcher is not None and reasoning is not None:
+            matcher = _AfterReasoning(matcher, reasoning)
         lead = lead_of(self._suite, request.task)
-        return _Slot(request, prompt_ids, generator, matcher, lead, self._config.max_tokens)
+        return _Slot(
+            request, prompt_ids, generator, matcher, lead, self._config.max_tokens, reasoning=reasoning
+        )
 
     def _decode(self, slots: list[_Slot]) -> Iterator[tuple[Generation, list[int]]]:
         """Decode one batch to the end, yielding each sequence as it finishes.
@@ -918,13 +997,20 @@ class HFEngine:
             slot.finish, slot.error, slot.end_s = "error", "the grammar allows no next token", now
             return
         slot.out.append(token)
-        if slot.matcher is not None and not slot.matcher.accept(token):
+        accepted = slot.matcher is None or slot.matcher.accept(token)
+        answer_start = 0  # stop sequences count only in the answer after a reasoning block
+        if slot.reasoning is not None:
+            slot.reasoning.observe(token)
+            answer_start = len(slot.out) if slot.reasoning.phase == "reasoning" else slot.reasoning.tokens
+        if not accepted:
+            assert slot.matcher is not None
             slot.finish, slot.error = "error", f"matcher rejected token {token}: {slot.matcher.error()}"
         elif token in self._eos_ids:
             slot.finish = "stop"  # under a grammar, the mask allows EOS only where the grammar accepts
-        elif self._stops:
+        elif self._stops and answer_start < len(slot.out):
             # A stop sequence can only end in the newest token; decoding a short tail keeps the check cheap.
-            tail = self._tokenizer.decode(slot.out[-self._stop_window :], skip_special_tokens=False)
+            start = max(len(slot.out) - self._stop_window, answer_start)
+            tail = self._tokenizer.decode(slot.out[start:], skip_special_tokens=False)
             lead = slot.lead if len(slot.out) <= self._stop_window else ""
             if find_stop(tail, self._stops, lead) is not None:
                 slot.finish = "stop"
@@ -949,6 +1035,7 @@ class HFEngine:
             finish_reason=slot.finish or "error",
             n_prompt_tokens=len(slot.prompt_ids),
             n_output_tokens=n_out,
+            n_reasoning_tokens=slot.reasoning.tokens if slot.reasoning and slot.reasoning.tokens else None,
             ttft_s=ttft,
             tpot_s=tpot,
             e2e_s=e2e,

@@ -52,7 +52,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from evalpipe.completion import check_suite, complete, constraint_satisfied, stop_sequences
+from evalpipe.completion import REASONING, check_suite, complete, constraint_satisfied, stop_sequences
 from evalpipe.engines.base import GenerationRequest, plan_requests
 from evalpipe.engines.common import (
     WARMUP_MAX_TOKENS,
@@ -226,6 +226,8 @@ class _Stream:
 
     started: float
     parts: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    """Chat deltas' reasoning (a vLLM server with a reasoning parser sends it apart from the content)."""
     first: float | None = None
     end: float | None = None
     finish: str | None = None
@@ -589,10 +591,15 @@ class OpenAIEngine:
         state.chunks += 1
         for choice in chunk.get("choices") or []:
             chat = self._api == "chat"
-            piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+            delta = choice.get("delta") or {}
+            piece = delta.get("content") if chat else choice.get("text")
+            # vLLM names the field `reasoning` (`reasoning_content` before 0.11)
+            thought = (delta.get("reasoning") or delta.get("reasoning_content")) if chat else None
+            if (piece or thought) and state.first is None:
+                state.first = time.perf_counter()
+            if thought:
+                state.reasoning.append(str(thought))
             if piece:
-                if state.first is None:
-                    state.first = time.perf_counter()
                 state.parts.append(str(piece))
             if choice.get("finish_reason"):
                 state.finish = str(choice["finish_reason"])
@@ -613,6 +620,10 @@ class OpenAIEngine:
 
     def _generation(self, request: GenerationRequest, state: _Stream) -> Generation:
         raw = "".join(state.parts)
+        if state.reasoning:
+            # The reasoning stays in the raw text as the model wrote it; `complete` judges the answer.
+            start, end = REASONING
+            raw = start + "".join(state.reasoning) + end + raw
         ended = complete(self._suite, request.task, raw)
         reason: FinishReason = (
             "timeout" if state.finish == "timeout" else FINISH_REASONS.get(state.finish or "", "error")
@@ -622,6 +633,7 @@ class OpenAIEngine:
             error = f"the server finished the request with {state.finish!r}"
         n_out = state.usage.get("completion_tokens")
         n_prompt = state.usage.get("prompt_tokens")
+        n_reasoning = (state.usage.get("completion_tokens_details") or {}).get("reasoning_tokens")
         ttft = None if state.first is None else state.first - state.started
         e2e = None if state.end is None else state.end - state.started
         tpot = time_per_output_token(ttft, e2e, n_out if isinstance(n_out, int) else None)
@@ -632,6 +644,7 @@ class OpenAIEngine:
             finish_reason=reason,
             n_prompt_tokens=n_prompt if isinstance(n_prompt, int) else None,
             n_output_tokens=n_out if isinstance(n_out, int) else None,
+            n_reasoning_tokens=n_reasoning if isinstance(n_reasoning, int) and n_reasoning > 0 else None,
             ttft_s=ttft,
             tpot_s=tpot,
             e2e_s=e2e,

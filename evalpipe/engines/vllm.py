@@ -53,7 +53,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from importlib import import_module
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
 
-from evalpipe.completion import check_suite, complete, constraint_satisfied, stop_sequences
+from evalpipe.completion import (
+    check_suite,
+    complete,
+    constraint_satisfied,
+    reasoning_length,
+    reasoning_token_ids,
+    stop_sequences,
+)
 from evalpipe.engines.base import GenerationRequest, plan_requests
 from evalpipe.engines.common import (
     WARMUP_MAX_TOKENS,
@@ -450,6 +457,10 @@ class VLLMEngine:
         raw = str(completion.text)
         ended = complete(self._suite, request.task, raw)
         n_out = len(completion.token_ids)
+        n_reasoning = None
+        if ended.reasoning is not None:  # a chat reply that opened with <think>: count its reasoning tokens
+            ids = reasoning_token_ids(self._llm.get_tokenizer())
+            n_reasoning = reasoning_length(list(completion.token_ids), ids)
         ttft, tpot, e2e = timings(output.metrics, n_out)
         reason, error = finish_reason(completion.finish_reason)
         effective = self._effective_backend(param)
@@ -461,6 +472,7 @@ class VLLMEngine:
             finish_reason=reason,
             n_prompt_tokens=len(output.prompt_token_ids) if output.prompt_token_ids is not None else None,
             n_output_tokens=n_out,
+            n_reasoning_tokens=n_reasoning,
             ttft_s=ttft,
             tpot_s=tpot,
             e2e_s=e2e,

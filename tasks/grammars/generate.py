@@ -1,8 +1,13 @@
-"""Generate the HumanEval function-body grammar in llguidance's Lark dialect and in XGrammar's EBNF (GBNF).
+"""Generate the HumanEval grammars in llguidance's Lark dialect and in XGrammar's EBNF (GBNF).
 
-Both files are generated from the one definition below, so that they define the same language:
+Two grammars, each printed as a Lark and GBNF twin from the one definition below, so that the twins define
+the same language and the two grammars share their statements and expressions:
 
-    python3 tasks/grammars/generate.py          # (re)write python_body.lark and python_body.gbnf beside it
+- `python_body`: the function body that completes a HumanEval prompt (suite `humaneval`);
+- `python_module_fenced`: a chat reply that is one fenced block of imports and complete function definitions
+  (suite `humaneval_chat`); a top-level function is the body's function-definition rule at width 0.
+
+    python3 tasks/grammars/generate.py          # (re)write the .lark and .gbnf files beside it
     python3 tasks/grammars/generate.py --check  # exit 1 if the committed files differ from its output
 
 Standard library only, deterministic output. The generated files are committed; tests/unit/test_grammars.py
@@ -30,13 +35,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-LARK_PATH = HERE / "python_body.lark"
-GBNF_PATH = HERE / "python_body.gbnf"
 
 BODY_WIDTH = 4  # the HumanEval prompt's function body is indented by 4 spaces
 STOP_WORDS = ("def ", "class ", "if __name__", "print(", "#", "assert ")
@@ -785,6 +788,16 @@ rule(
     seq(LPAR, rref("iname"), star(seq(CM_I, rref("iname"))), opt(CM_I), RPAR),
 )
 raise_from = opt(kwop("FROM", "o", "test"))
+# `import a.b as c, d` and `from .a import (b as c)`: inside a function and at the top of a module alike
+IMPORTS = [
+    seq(
+        K_IMPORT_SP,
+        rref("dotted"),
+        opt(seq(tm("X_AS_O_SP"), NAME)),
+        star(seq(CM_O, rref("dotted"), opt(seq(tm("X_AS_O_SP"), NAME)))),
+    ),
+    seq(K_FROM_SP, alt(rref("dotted"), seq(DOTS, opt(rref("dotted")))), tm("X_IMPORT_O_SP"), rref("inames")),
+]
 common_small = [
     rref("exprstmt"),
     seq(K_RETURN_SP, rref("testlist")),
@@ -800,13 +813,7 @@ common_small = [
     seq(K_DEL, rref("dlist_o_nw")),
     seq(K_ASSERT_SP, rref("test_o"), opt(seq(CM_O, rref("test_o")))),
     seq(K_ASSERT, rref("test_o_nw"), opt(seq(CM_O, rref("test_o")))),
-    seq(
-        K_IMPORT_SP,
-        rref("dotted"),
-        opt(seq(tm("X_AS_O_SP"), NAME)),
-        star(seq(CM_O, rref("dotted"), opt(seq(tm("X_AS_O_SP"), NAME)))),
-    ),
-    seq(K_FROM_SP, alt(rref("dotted"), seq(DOTS, opt(rref("dotted")))), tm("X_IMPORT_O_SP"), rref("inames")),
+    *IMPORTS,
 ]
 rule("small_n", *common_small)
 rule("small_l", *common_small, K_BREAK, K_CONTINUE)
@@ -869,16 +876,29 @@ def upto(x: Node, n: int) -> Node:
     return node
 
 
+def suite_alts(lp: str, kids: list[int]) -> list[Node]:
+    """A compound statement's `:` and then a simple statement on the same line, or a newline and a block
+    indented to one of the widths `kids`."""
+    alts: list[Node] = [seq(COLON, rref(f"simple_{lp}"))]
+    if kids:
+        blank = upto(BLANK, MAX_BLANK_LINES)
+        alts.append(seq(COLON, NL, blank, alt(*(rref(f"block_{c}{lp}") for c in kids))))
+    return alts
+
+
+def define_def(w: int) -> None:
+    """`def_{w}`: a function definition whose header is indented by w; its body is never inside a loop."""
+    ind = [tm(f"IND{w}")] if w else []
+    rule(f"def_{w}", seq(*ind, rref("def_head"), rref(f"suite_{w}n")))
+
+
 for w in reachable_widths():
     ind = tm(f"IND{w}")
     blank = upto(BLANK, MAX_BLANK_LINES)
     for lp in "nl":
         s = f"_{w}{lp}"
         kids = children(w)
-        suite_alts: list[Node] = [seq(COLON, rref(f"simple_{lp}"))]
-        if kids:
-            suite_alts.append(seq(COLON, NL, blank, alt(*(rref(f"block_{c}{lp}") for c in kids))))
-        rule("suite" + s, *suite_alts)
+        rule("suite" + s, *suite_alts(lp, kids))
         suite = rref("suite" + s)
         loop_suite = rref(f"suite_{w}l")
         else_part = opt(seq(blank, ind, K_ELSE, suite))
@@ -912,13 +932,63 @@ for w in reachable_widths():
             rref(f"def_{w}"),
         )
         rule("block" + s, seq(rref("stmt" + s), star(seq(blank, rref("stmt" + s)))))
-    rule(f"def_{w}", seq(ind, rref("def_head"), rref(f"suite_{w}n")))
+    define_def(w)
 
 edge = upto(BLANK, MAX_BLANK_LINES)
 # The end: the text ends after the body's last newline, or goes on with the start of a top-level line (one of
 # `STOP_WORDS`, where the suite's stop sequences end every arm's completion) and ends there.
 END = term("END", alt(*STOP_WORDS))
 rule("start", seq(edge, rref(f"block_{BODY_WIDTH}n"), edge, opt(END)))
+
+# ------------------------------------------------------------------------------------------------------------
+# The fenced module (`humaneval_chat`): a chat reply that is one fenced block holding a Python module of
+# imports and top-level function definitions, built from the same statements as the body above: a top-level
+# function is `def_0`, the same definition at width 0, its body a block at the body's width.
+
+FENCE_LANGS = ("python", "python3", "py")
+"""The info strings an opening fence may carry (and none: a bare ```` ``` ````)."""
+FENCE_STOP = "\n```\n"
+"""Where a reply ends in every arm: the `humaneval_chat` suite's stop sequence (tests/unit/test_grammars.py
+checks that they agree). Only a closing fence matches it: every line inside the block starts with a space or
+is empty or starts with `def`, `import`, `from` or `#` (no column-0 lines inside strings), and an opening
+fence at the reply's start has no newline before it; where blank lines come first, the opening fence must
+name its language, so that it is not `\n```\n`."""
+MODULE_WIDTH = 0
+MAX_IMPORTS_FIRST = 8
+MAX_MORE_ITEMS = 3
+"""Top-level lines before the first function (imports) and items after it (functions and imports), at most:
+HumanEval's complete functions have at most 1 import and 2 functions. Unbounded, a weak model under the
+constraint writes one function after another until max tokens instead of closing the fence (as it would
+write blank lines without MAX_BLANK_LINES)."""
+
+define_def(MODULE_WIDTH)
+rule(f"suite_{MODULE_WIDTH}n", *suite_alts("n", [BODY_WIDTH]))
+# A line between top-level items: blank, or a comment, which may start in column 0 here.
+TOP_BLANK = term("TOP_BLANK", EOL_FRAG)
+FENCE_OPEN = term(
+    "FENCE_OPEN",
+    alt(
+        seq("```", opt(alt(*FENCE_LANGS)), "\n"),
+        seq(rep("\n", 1, 2), "```", alt(*FENCE_LANGS), "\n"),
+    ),
+)
+FENCE_CLOSE = term("FENCE_CLOSE", "```")
+FENCE_END = term("FENCE_END", "\n")
+rule("import_0", seq(alt(*IMPORTS), NL))
+rule("item_0", rref("import_0"), rref(f"def_{MODULE_WIDTH}"))
+top_blank = upto(TOP_BLANK, MAX_BLANK_LINES)
+rule(
+    "module",
+    seq(
+        top_blank,
+        upto(seq(rref("import_0"), top_blank), MAX_IMPORTS_FIRST),
+        rref(f"def_{MODULE_WIDTH}"),
+        upto(seq(top_blank, rref("item_0")), MAX_MORE_ITEMS),
+        top_blank,
+    ),
+)
+# After the closing fence (and the newline after it, where the stop sequence ends the reply) only EOS.
+rule("module_start", seq(FENCE_OPEN, rref("module"), FENCE_CLOSE, opt(FENCE_END)))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -959,38 +1029,137 @@ continuation lines in brackets or in multi-line strings): a column-0 line is whe
 """
 
 
+MODULE_HEADER = """\
+A chat reply holding one complete Python function: a fenced code block with a Python module of imports and
+top-level function definitions. GENERATED by tasks/grammars/generate.py from the same definition as its twin
+python_module_fenced.{twin} (same language) and as python_body (the statements and expressions are shared);
+edit the generator and rerun it.
+
+Accepts: an opening fence ```` ``` ```` with the info string {langs} or none, then a newline (blank lines
+before it only where it names its language); then `import` / `from ... import` lines and function definitions
+in column 0 (at least one definition; up to {max_first} imports before it and {max_more} more items after it),
+with up to {max_blank} blank or comment lines between them; each
+function's body is a block indented by 4 spaces, with python_body's statements; then, in column 0, the
+closing fence ```` ``` ````, an optional newline, and the end of the text. The reply ends there in every
+arm: the suite's stop sequence `{stop}` can only match the closing fence, since no line inside the block
+starts with ```` ``` ````.
+
+Guarantees: the block's content compiles (up to python_body's holes), and `prompt + content` redefines the
+prompt's function; every line inside the block ends with a newline.
+Not supported (rejected although valid Python): top-level statements other than imports and function
+definitions (assignments, classes, decorators, `if __name__ == ...`), `from x import *`, top-level lines
+joined by `;`, continuation lines in column 0 (the `)` closing a multi-line import), a top-level function's
+body indented by other than 4 spaces, prose before or after the block,
+a second block; and everything python_body does not support inside a function body (see its header),
+including column-0 lines inside strings.
+"""
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """One output grammar: its root rule in the definition above and its files' stem and header."""
+
+    stem: str
+    root: str
+    header: Callable[[str], str]
+
+    @property
+    def lark_path(self) -> Path:
+        return HERE / f"{self.stem}.lark"
+
+    @property
+    def gbnf_path(self) -> Path:
+        return HERE / f"{self.stem}.gbnf"
+
+
 def _header(twin: str) -> str:
     stop_words = ", ".join(f"`{word}`" for word in STOP_WORDS)
     return HEADER.format(twin=twin, max_blank=MAX_BLANK_LINES, stop_words=stop_words)
 
 
-def ordered_rules() -> list[tuple[str, Node]]:
-    """The root rule first, then the others in definition order."""
-    return [("start", RULES["start"])] + [(k, v) for k, v in RULES.items() if k != "start"]
+def _module_header(twin: str) -> str:
+    langs = ", ".join(f"`{lang}`" for lang in FENCE_LANGS)
+    stop = FENCE_STOP.encode("unicode_escape").decode()
+    return MODULE_HEADER.format(
+        twin=twin,
+        langs=langs,
+        max_blank=MAX_BLANK_LINES,
+        stop=stop,
+        max_first=MAX_IMPORTS_FIRST,
+        max_more=MAX_MORE_ITEMS,
+    )
 
 
-def render_lark() -> str:
-    lines = ["// " + line if line else "//" for line in _header("gbnf").splitlines()]
+BODY = Grammar("python_body", "start", _header)
+MODULE = Grammar("python_module_fenced", "module_start", _module_header)
+GRAMMARS = (BODY, MODULE)
+
+
+def refs(n: Node) -> Iterator[str]:
+    """The names a rule or terminal refers to."""
+    if isinstance(n, Ref):
+        yield n.name
+    elif isinstance(n, (Seq, Alt)):
+        for x in n.xs:
+            yield from refs(x)
+    elif isinstance(n, Rep):
+        yield from refs(n.x)
+
+
+def reachable(root: str) -> set[str]:
+    """The rules, terminals and fragments that `root` needs."""
+    definitions = {**RULES, **TERMS, **FRAGS}
+    seen: set[str] = set()
+    todo = [root]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(refs(definitions[name]))
+    return seen
+
+
+def foreign(grammar: Grammar) -> set[str]:
+    """What only the other grammars need: left out of this grammar's files. (Everything else is printed, the
+    few rules no root reaches included, so that python_body's files stayed byte-identical when the module
+    grammar was added.)"""
+    own = reachable(grammar.root)
+    return {name for other in GRAMMARS if other != grammar for name in reachable(other.root)} - own
+
+
+def ordered_rules(grammar: Grammar = BODY) -> list[tuple[str, Node]]:
+    """The root rule first (named `start`), then the others in definition order."""
+    skip = foreign(grammar) | {grammar.root}
+    return [("start", RULES[grammar.root])] + [(k, v) for k, v in RULES.items() if k not in skip]
+
+
+def ordered_terminals(grammar: Grammar = BODY) -> list[tuple[str, Node]]:
+    skip = foreign(grammar)
+    return [(k, v) for k, v in [*TERMS.items(), *FRAGS.items()] if k not in skip]
+
+
+def render_lark(grammar: Grammar = BODY) -> str:
+    lines = ["// " + line if line else "//" for line in grammar.header("gbnf").splitlines()]
     lines += [
         "//",
         '// llguidance Lark dialect (vLLM `guidance` backend): llguidance.grammar_from("lark", text).',
         "",
     ]
-    for name, body in ordered_rules():
+    for name, body in ordered_rules(grammar):
         lines.append(f"{name}: {to_lark_rule(body)}")
     lines.append("")
-    for name, body in [*TERMS.items(), *FRAGS.items()]:
+    for name, body in ordered_terminals(grammar):
         lines.append(f"{name}: {to_lark_term(body)}")
     return "\n".join(lines) + "\n"
 
 
-def render_gbnf() -> str:
-    lines = ["# " + line if line else "#" for line in _header("lark").splitlines()]
+def render_gbnf(grammar: Grammar = BODY) -> str:
+    lines = ["# " + line if line else "#" for line in grammar.header("lark").splitlines()]
     lines += ["#", "# XGrammar EBNF (GBNF), root rule `root`: xgrammar.Grammar.from_ebnf(text).", ""]
-    for name, body in ordered_rules():
+    for name, body in ordered_rules(grammar):
         lines.append(f"{gbnf_name(name)} ::= {to_ebnf(body)}")
     lines.append("")
-    for name, body in [*TERMS.items(), *FRAGS.items()]:
+    for name, body in ordered_terminals(grammar):
         lines.append(f"{name} ::= {to_ebnf(body)}")
     return "\n".join(lines) + "\n"
 
@@ -999,7 +1168,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the files on disk are out of date")
     args = parser.parse_args(argv)
-    outputs = {LARK_PATH: render_lark(), GBNF_PATH: render_gbnf()}
+    outputs = {}
+    for grammar in GRAMMARS:
+        outputs[grammar.lark_path] = render_lark(grammar)
+        outputs[grammar.gbnf_path] = render_gbnf(grammar)
     if args.check:
         stale = [p.name for p, text in outputs.items() if not p.exists() or p.read_text() != text]
         if stale:

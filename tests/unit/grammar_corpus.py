@@ -295,3 +295,115 @@ UNSUPPORTED: dict[str, str] = {
     "keyword_after_paren_without_space": "    return (x)and(y)\n",
     "positional_only_params": "    def g(a, /, b):\n        pass\n",
 }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Chat replies for tests/unit/test_module_grammar.py (python_module_fenced): each is a whole reply, a fenced
+# block whose content follows MODULE_PROMPT (`prompt + content` redefines its function), or not.
+# - MODULE_VALID: the content compiles after MODULE_PROMPT and both grammars must accept the reply.
+# - MODULE_INVALID: the content does not compile and both grammars must reject the reply.
+# - MODULE_UNSUPPORTED: not the reply's shape (prose, no fence, no function, two blocks) or a construct
+#   outside the grammar's language (listed in its header): both grammars must reject it.
+
+MODULE_PROMPT = 'def f(x):\n    """Docstring."""\n'
+
+
+def fenced(src: str, opening: str = "```python\n", closing: str = "```") -> str:
+    """A reply: the dedented source between an opening and a closing fence."""
+    return opening + textwrap.dedent(src).lstrip("\n") + closing
+
+
+MODULE_VALID: dict[str, str] = {
+    "one_function": fenced("def f(x):\n    return x\n"),
+    "newline_after_closing_fence": fenced("def f(x):\n    return x\n", closing="```\n"),
+    "bare_fence": fenced("def f(x):\n    return x\n", opening="```\n"),
+    "py_fence": fenced("def f(x):\n    return x\n", opening="```py\n"),
+    "python3_fence": fenced("def f(x):\n    return x\n", opening="```python3\n"),
+    "blank_lines_before_a_named_fence": fenced("def f(x):\n    return x\n", opening="\n\n```python\n"),
+    "one_line_function": fenced("def f(x): return x\n"),
+    "imports_helpers_and_comments": fenced(
+        """
+        import math
+        from typing import List, Optional as Opt
+        from collections import (Counter,
+                                 deque)
+
+        # a helper, in column 0
+        def helper(a: int, b: int = 2) -> int:
+            '''Adds.'''
+            return a + b
+
+
+        def f(x: List[int], *rest, key=None, **kw) -> Opt[int]:
+            \"\"\"The answer.
+
+            More text, indented.
+            \"\"\"
+            # an indented comment
+            total = 0
+            for item in x:
+                if item > 0:
+                    total += helper(item)
+                else:
+                    continue
+            return math.floor(total)
+        """
+    ),
+    "import_after_function": fenced("def f(x):\n    return os.sep\nimport os\n"),
+    "nested_function": fenced(
+        """
+        def f(x):
+            def inner(y):
+                return y * 2
+            return inner(x)
+        """
+    ),
+    "blank_lines_at_the_edges": fenced("\ndef f(x):\n    return x\n\n"),
+    "trailing_comment_line": fenced("def f(x):\n    return x\n# done\n"),
+    "eight_space_body": fenced("def f(x):\n    if x:\n            return x\n    return 0\n"),
+    "four_functions_and_eight_imports": fenced(
+        "import os\n" * 8
+        + "".join(f"def g{i}():\n    pass\n" for i in range(3))
+        + "def f(x):\n    return x\n"
+    ),
+}
+
+MODULE_INVALID: dict[str, str] = {
+    "unclosed_bracket": fenced("def f(x):\n    return (x\n"),
+    "missing_colon": fenced("def f(x)\n    return x\n"),
+    "empty_body": fenced("def f(x):\n\ndef g():\n    pass\n"),
+    "dedent_to_nowhere": fenced("def f(x):\n    if x:\n        return 1\n  return 2\n"),
+    "return_at_top_level": fenced("def f(x):\n    pass\nreturn x\n"),
+    "keyword_as_name": fenced("def class(x):\n    pass\n"),
+    "unterminated_string": fenced("def f(x):\n    return 'abc\n"),
+    "break_outside_loop": fenced("def f(x):\n    break\n"),
+}
+
+MODULE_UNSUPPORTED: dict[str, str] = {
+    # not the reply's shape
+    "no_fence": "def f(x):\n    return x\n",
+    "prose_before": "Here it is:\n" + fenced("def f(x):\n    return x\n"),
+    "prose_after": fenced("def f(x):\n    return x\n", closing="```\nDone.\n"),
+    "two_blocks": fenced("def f(x):\n    return x\n") + "\n" + fenced("def g():\n    pass\n"),
+    "unclosed_fence": "```python\ndef f(x):\n    return x\n",
+    "only_imports": fenced("import os\n"),
+    "empty_block": "```python\n```",
+    "closing_fence_not_in_column_0": "```python\ndef f(x):\n    return x\n    ```",
+    "last_line_without_newline": "```python\ndef f(x):\n    return x```",
+    "other_language": fenced("def f(x):\n    return x\n", opening="```javascript\n"),
+    "blank_line_before_a_bare_fence": fenced("def f(x):\n    return x\n", opening="\n```\n"),
+    "indented_top_level_function": "```python\n  def f(x):\n      return x\n```",
+    # valid Python outside the grammar's language
+    "top_level_assignment": fenced("LIMIT = 3\ndef f(x):\n    return x\n"),
+    "class": fenced("class A:\n    pass\ndef f(x):\n    return x\n"),
+    "decorator": fenced("import functools\n@functools.cache\ndef f(x):\n    return x\n"),
+    "main_guard": fenced("def f(x):\n    return x\nif __name__ == '__main__':\n    f(1)\n"),
+    "star_import": fenced("from math import *\ndef f(x):\n    return x\n"),
+    "column_0_closing_bracket": fenced("from c import (\n    a,\n)\ndef f(x):\n    return a\n"),
+    "column_0_line_in_docstring": fenced('def f(x):\n    """Doc.\nmore\n    """\n    return x\n'),
+    "two_space_body": fenced("def f(x):\n  return x\n"),
+    "five_functions": fenced(
+        "".join(f"def g{i}():\n    pass\n" for i in range(4)) + "def f(x):\n    return x\n"
+    ),
+    "nine_imports_first": fenced("import os\n" * 9 + "def f(x):\n    return x\n"),
+}

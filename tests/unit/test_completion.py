@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from evalpipe.completion import code_block, complete, constraint_satisfied, find_stop, stop_sequences
+from evalpipe.completion import (
+    code_block,
+    complete,
+    constraint_satisfied,
+    find_stop,
+    reasoning_length,
+    split_reasoning,
+    stop_sequences,
+)
 from evalpipe.constraints import load_constraint
 from evalpipe.records import Task
 from evalpipe.sources import load_humaneval
@@ -86,3 +94,66 @@ def test_both_arms_are_checked_on_the_same_text() -> None:
     cut = complete(HUMANEVAL, task, body[: len(body) // 2])  # max tokens mid-statement
     assert constraint_satisfied(constraint, cut) is False
     assert constraint_satisfied(None, cut) is None
+
+
+CHAT = load_suite("humaneval_chat")
+BLOCK = "```python\ndef f(x):\n    return 2 * x\n```"
+
+
+@pytest.mark.parametrize(
+    ("raw", "checked", "stop"),
+    [
+        # the closing fence ends the reply; what follows it is cut, in every arm
+        (BLOCK + "\nThis doubles x.\n", BLOCK + "\n", "\n```\n"),
+        (BLOCK, BLOCK, None),  # EOS right after the fence
+        # an opening fence after prose names its language: only the closing fence matches
+        ("Here:\n" + BLOCK + "\n", "Here:\n" + BLOCK + "\n", "\n```\n"),
+    ],
+)
+def test_chat_replies_end_at_the_closing_fence(raw: str, checked: str, stop: str | None) -> None:
+    ending = complete(CHAT, TASK, raw)
+    assert (ending.code, ending.checked, ending.stop, ending.error) == (
+        "def f(x):\n    return 2 * x\n",
+        checked,
+        stop,
+        None,
+    )
+
+
+def test_both_chat_arms_are_checked_on_the_same_text() -> None:
+    constraint = load_constraint(CHAT)
+    free = complete(CHAT, TASK, BLOCK + "\n\nExplanation: it doubles.")
+    constrained = complete(CHAT, TASK, BLOCK + "\n")
+    assert free.checked == constrained.checked and free.code == constrained.code
+    assert constraint_satisfied(constraint, free) is constraint_satisfied(constraint, constrained) is True
+    prose = complete(CHAT, TASK, "Sure!\n" + BLOCK)
+    assert prose.code == free.code and constraint_satisfied(constraint, prose) is False
+
+
+def test_a_closing_fence_starts_a_line() -> None:
+    assert code_block('```python\ns = "```"\nt = 1\n```\n') == 's = "```"\nt = 1\n'
+    assert code_block("```python\nx = 1\n```") == "x = 1\n"
+    assert code_block("```python\n```") == ""
+
+
+def test_a_reasoning_block_is_kept_out_of_the_answer() -> None:
+    constraint = load_constraint(CHAT)
+    thought = "<think>Maybe:\n```\nreturn x\n```\n</think>"
+    ending = complete(CHAT, TASK, thought + "\n\n" + BLOCK + "\nbye")
+    assert ending.reasoning == thought
+    assert ending.code == "def f(x):\n    return 2 * x\n"  # not the code in the reasoning
+    assert ending.checked == "\n\n" + BLOCK + "\n" and ending.stop == "\n```\n"
+    assert constraint_satisfied(constraint, ending) is True
+    unended = complete(CHAT, TASK, "<think>still thinking")
+    assert unended.code == "" and unended.error is not None and "</think>" in unended.error
+    assert constraint_satisfied(constraint, unended) is False
+    assert split_reasoning(" <think>x</think>y") == (None, " <think>x</think>y")  # only at the very start
+    assert complete(HUMANEVAL, TASK, "<think>x</think>    return 1\n").reasoning is None  # raw prompts
+
+
+def test_reasoning_length_counts_the_leading_block_in_tokens() -> None:
+    ids = (7, 8)  # <think>, </think>
+    assert reasoning_length([7, 1, 2, 8, 3, 4], ids) == 4
+    assert reasoning_length([7, 1, 2], ids) == 3  # never closed: all of it
+    assert reasoning_length([1, 7, 8], ids) is None  # a block only counts at the start
+    assert reasoning_length([7, 8], None) is None and reasoning_length([], ids) is None

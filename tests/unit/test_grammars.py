@@ -44,13 +44,13 @@ def generator() -> ModuleType:
 class Engines:
     """Whole-string acceptance in both engines: llguidance over its byte tokenizer, XGrammar by characters."""
 
-    def __init__(self) -> None:
+    def __init__(self, lark: Path = LARK, gbnf: Path = GBNF) -> None:
         self.tok = llguidance.LLTokenizer("byte")
-        self.lark_grammar = llguidance.grammar_from("lark", LARK.read_text())
+        self.lark_grammar = llguidance.grammar_from("lark", lark.read_text())
         self.llg = llguidance.LLMatcher(self.tok, self.lark_grammar, log_level=0)
         assert not self.llg.get_error(), self.llg.get_error()
         compiler = xgr.GrammarCompiler(xgr.TokenizerInfo([]), cache_enabled=False)
-        self.xgr = compiler.compile_grammar(xgr.Grammar.from_ebnf(GBNF.read_text()))
+        self.xgr = compiler.compile_grammar(xgr.Grammar.from_ebnf(gbnf.read_text()))
 
     def llguidance_accepts(self, body: str) -> bool:
         matcher = self.llg.deep_copy()  # reset() does not clear an error state
@@ -365,9 +365,9 @@ class Sampler:
             return "".join(self.sample(node.x, depth) for _ in range(count))
         return self.sample(self.defs[node.name], depth + 1)
 
-    def bodies(self, n: int) -> Iterator[str]:
+    def bodies(self, n: int, root: str = "start") -> Iterator[str]:
         for _ in range(n):
-            yield self.sample(self.defs["start"])
+            yield self.sample(self.defs[root])
 
 
 def code_of(generator: ModuleType, text: str) -> str:
