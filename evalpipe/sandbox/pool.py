@@ -157,7 +157,7 @@ class RunnerPool:
                 raise RunFailed(f"the sandbox keeps failing ({self._failures} runners replaced)")
 
     def _message(self, job: Job) -> dict[str, Any]:
-        return runner_job(f"{job.key.task_id}#{job.key.index}", job.program, self._limits)
+        return runner_job(f"{job.key.task_id}#{job.key.index}", job, self._limits)
 
     def _result(self, message: dict[str, Any], reply: dict[str, Any], attempts: int) -> JobResult:
         if reply.get("id") != message["id"]:
