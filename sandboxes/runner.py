@@ -124,6 +124,8 @@ def _warm_up() -> None:
         exec(compile(WARM_UP_PROGRAM, "<warm-up>", "exec"), {"__name__": "__warm_up__"})
     except AssertionError:
         traceback.format_exc()
+    value = [[1, 2.5, "x", None, True], (1,), {1: {2}}, frozenset(), b"", 1j, 10**4000]
+    from_plain(json.loads(_encode_frame(["ok", to_plain(value)])[4:])[1])
 
 
 class Capture:
@@ -270,16 +272,22 @@ def _encode_frame(payload: object) -> bytes:
     return len(body).to_bytes(4, "big") + body
 
 
+_raw_write, _raw_read = os.write, os.read  # bound here: a program that replaces os.write breaks only itself
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view) :]
+        written = _raw_write(fd, view)
+        if written <= 0:
+            raise OSError("short write")
+        view = view[written:]
 
 
 def _read_exactly(fd: int, size: int) -> bytes | None:
     chunks, left = [], size
     while left:
-        chunk = os.read(fd, min(left, 1 << 20))
+        chunk = _raw_read(fd, min(left, 1 << 20))
         if not chunk:
             return None
         chunks.append(chunk)
@@ -778,10 +786,17 @@ def run_job(job: dict, work_root: str, uid: int | None, judge_uid: int | None) -
         _, wait_status, usage = os.wait4(judge_pid, 0)
         judge_end = (os.waitstatus_to_exitcode(wait_status), usage.ru_utime + usage.ru_stime)
         program_cpu = program_end[1] if program_end is not None else 0.0
-        if program_end is None:  # the judge is done with it (or the wall clock is): it ends here, unjudged
-            _kill(program_pid)
-            _, _, usage = os.wait4(program_pid, 0)
+        if program_end is None:
+            # A judge that saw the program's pipe close saw it exiting (a process closes its files before it
+            # becomes a zombie): wait a moment for how it ended. Otherwise the judge is done with it (or the
+            # wall clock is), and it ends here, unjudged.
+            dying = judge_end[0] == EXIT_PROGRAM_ENDED and not wall_killed
+            if not (dying and select.select([program_fd], [], [], 1.0)[0]):
+                _kill(program_pid)
+            _, wait_status, usage = os.wait4(program_pid, 0)
             program_cpu = usage.ru_utime + usage.ru_stime
+            if dying:
+                program_end = (os.waitstatus_to_exitcode(wait_status), program_cpu)
     finally:
         os.close(program_fd)
         os.close(judge_fd)
