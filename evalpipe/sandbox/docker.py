@@ -273,7 +273,7 @@ class DockerSandbox:
 
     def _start(self, slot: int) -> RunnerConnection:
         labels = {LABEL: self.instance, f"{LABEL}.slot": str(slot)}
-        runner = _ContainerRunner(self._client, self._image, self._settings, labels)
+        runner = _ContainerRunner(self._client, self._image_id, self._settings, labels)
         with self._lock:
             self._runners[slot] = runner
             self.runners_started += 1
