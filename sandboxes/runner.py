@@ -33,6 +33,7 @@ import resource
 import select
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -57,10 +58,6 @@ import string  # noqa: F401
 import typing  # noqa: F401
 
 PROTOCOL_VERSION = 2
-EXIT_UNSUPPORTED_TEST = 94
-"""Judge: the test passes the candidate something that is not plain data (a callable, an object)."""
-EXIT_PROGRAM_ENDED = 95
-"""Judge: the program ended (exit, crash, limit) before the check completed."""
 EXIT_SYNTAX_ERROR = 97
 EXIT_MEMORY_ERROR = 98
 EXIT_RUNNER_BUG = 99
@@ -573,28 +570,19 @@ def _reply(replies: int) -> object:
     raise CandidateFailed("the program's reply is malformed")
 
 
-def _run_judge(
-    job: dict, code: tuple, capture: Capture, calls: int, replies: int, verdict: int, nonce: bytes,
-    uid: int | None,
-) -> None:  # fmt: skip
-    """Body of the judge child: wait for the program to load, then run the suite's check. Never returns."""
-    exit_now = os._exit
-    try:
-        os.setsid()  # out of the program's process group: nothing aimed at the program reaches the judge
-        for signum in (signal.SIGINT, signal.SIGPIPE):
-            signal.signal(signum, signal.SIG_DFL)
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a program that filled the capture file cannot kill us
-        os.dup2(capture.stdin, 0)
-        os.dup2(capture.stdin, 1)  # what a test prints is not the program's output
-        os.dup2(capture.stderr, 2)  # a failing assertion's traceback is
-        _close_all_but((calls, replies, verdict))
-        _limit(job, processes=False)
-        _become(uid)
-        os.chdir("/")
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a program that ended: EPIPE, read as such
-    except BaseException:
-        traceback.print_exc()
-        exit_now(EXIT_RUNNER_BUG)
+class _JudgeOverTime(BaseException):
+    pass
+
+
+def _judge_one(job: dict, code: tuple, calls: int, replies: int) -> str:
+    """Judge one program: wait for it to load, then run the suite's check. The verdict, one of "passed",
+    "failed", "program_ended", "unsupported", "memory", "timeout"."""
+
+    def over_time(signum: int, frame: object) -> None:
+        raise _JudgeOverTime
+
+    signal.signal(signal.SIGPROF, over_time)
+    signal.setitimer(signal.ITIMER_PROF, float(job["cpu_time_s"]))  # the judge's own CPU time
     try:
         # A fresh interpreter seeds from os.urandom; both passes of the test draw the same numbers.
         seed = int.from_bytes(os.urandom(8), "big")
@@ -604,30 +592,181 @@ def _run_judge(
             if sent:
                 _send(calls, sent)
         if _read_frame(replies) is None:  # the program's "ready": its module ran to completion
-            exit_now(EXIT_PROGRAM_ENDED)
+            return "program_ended"
         if code[1] is not None:
             random.seed(seed)
             candidate = _proxy(calls, replies, sent)
             _fresh_namespace(job, code, candidate)["check"](candidate)
+        return "passed"
     except CandidateFailed as failed:
         traceback.print_exc()
-        _flush_quietly()
-        exit_now(EXIT_PROGRAM_ENDED if failed.program_ended else 1)
+        return "program_ended" if failed.program_ended else "failed"
     except UnsupportedTest:
         traceback.print_exc()
-        _flush_quietly()
-        exit_now(EXIT_UNSUPPORTED_TEST)
+        return "unsupported"
+    except _JudgeOverTime:
+        return "timeout"
     except MemoryError:
-        exit_now(EXIT_MEMORY_ERROR)
+        return "memory"
     except BaseException:
-        traceback.print_exc()
-        _flush_quietly()
-        exit_now(1)
-    _flush_quietly()
-    try:
-        os.write(verdict, nonce)
+        try:
+            traceback.print_exc()
+        except BaseException:
+            pass
+        return "failed"
     finally:
-        exit_now(0)
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        _flush_quietly()
+
+
+_compiled: dict[tuple[str, str], object] = {}
+
+
+def _compile_trusted(source: str | None, filename: str) -> object:
+    """The suite's code (prompt helpers, test), compiled once per judge: every sample of a task shares it."""
+    if not source:
+        return None
+    key = (filename, source)
+    code = _compiled.get(key)
+    if code is None:
+        if len(_compiled) >= 1024:
+            _compiled.clear()
+        code = _compiled[key] = compile(source, filename, "exec")
+    return code
+
+
+def _serve_judge(sock: socket.socket, limits: dict, uid: int | None) -> None:
+    """Body of the judge process: judge jobs that the runner sends, with the program's pipes. Never returns.
+
+    One judge serves every job of its runner (a process per job would cost a fork and its page faults each
+    time). Nothing of a program reaches it but the plain data it decodes, and each test runs in a fresh
+    namespace; a judge that dies or hangs is replaced by the runner.
+    """
+    try:
+        os.setsid()  # out of every program's process group
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a program that ended: EPIPE, read as such
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a program that filled the capture file cannot kill us
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)  # what a test prints is not the program's output
+        _close_all_but((sock.fileno(), devnull))
+        # Memory and files as a program's; CPU time per job, by a timer in `_judge_one`.
+        resource.setrlimit(resource.RLIMIT_AS, (limits["memory_bytes"], limits["memory_bytes"]))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limits["file_size_bytes"], limits["file_size_bytes"]))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        _become(uid)
+        os.chdir("/")
+    except BaseException:
+        os._exit(EXIT_RUNNER_BUG)
+    while True:
+        try:
+            message, fds = _receive_with_fds(sock)
+        except BaseException:
+            os._exit(EXIT_RUNNER_BUG)
+        if message is None:
+            os._exit(0)
+        calls, replies, stderr = fds
+        os.dup2(stderr, 2)  # a failing assertion's traceback goes to the program's stderr tail
+        os.close(stderr)
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        try:
+            job = json.loads(message)
+            code = (
+                _compile_trusted(job.get("helpers"), "prompt.py"),
+                _compile_trusted(job.get("test"), "test.py"),
+            )
+            verdict = _judge_one(job, code, calls, replies)
+        except BaseException:
+            verdict = "failed"
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        os.close(calls)
+        os.close(replies)
+        os.dup2(devnull, 2)
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        try:
+            sock.sendall(_encode_frame({"verdict": verdict, "cpu_s": cpu}))
+        except OSError:
+            os._exit(0)
+
+
+def _receive_with_fds(sock: socket.socket) -> tuple[bytes | None, list[int]]:
+    """A length-prefixed message and the descriptors sent with its first bytes (None at end of stream)."""
+    data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 8)
+    if not data:
+        return None, []
+    while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], "big"):
+        more = sock.recv(1 << 16)
+        if not more:
+            return None, fds
+        data += more
+    return data[4 : 4 + int.from_bytes(data[:4], "big")], fds
+
+
+class JudgeProcess:
+    """The runner's handle on its judge: started on first use, replaced when it dies, hangs or the limits
+    change."""
+
+    def __init__(self, uid: int | None) -> None:
+        self.uid = uid
+        self.pid: int | None = None
+        self.sock: socket.socket | None = None
+        self._limits: tuple | None = None
+        self._buffer = b""
+
+    def _start(self, limits: dict) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:
+            parent.close()
+            _serve_judge(child, limits, self.uid)
+        child.close()
+        self.pid, self.sock, self._buffer = pid, parent, b""
+        self._limits = tuple(limits[k] for k in ("cpu_time_s", "memory_bytes", "file_size_bytes"))
+
+    def submit(self, job: dict, limits: dict, fds: list[int]) -> None:
+        key = tuple(limits[k] for k in ("cpu_time_s", "memory_bytes", "file_size_bytes"))
+        if self.pid is not None and key != self._limits:
+            self.stop()
+        if self.pid is None:
+            self._start(limits)
+        assert self.sock is not None
+        message = {k: job.get(k) for k in ("entry_point", "helpers", "test")}
+        frame = _encode_frame({**message, "cpu_time_s": limits["cpu_time_s"]})
+        sent = socket.send_fds(self.sock, [frame[:4096]], fds)
+        self.sock.sendall(frame[sent:])
+
+    def fileno(self) -> int:
+        assert self.sock is not None
+        return self.sock.fileno()
+
+    def verdict(self) -> dict | None:
+        """The verdict, once readable; None if the judge died (it is then replaced by the next job)."""
+        assert self.sock is not None
+        while len(self._buffer) < 4 or len(self._buffer) < 4 + int.from_bytes(self._buffer[:4], "big"):
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.stop()
+                return None
+            self._buffer += chunk
+        size = int.from_bytes(self._buffer[:4], "big")
+        message, self._buffer = self._buffer[4 : 4 + size], self._buffer[4 + size :]
+        return json.loads(message)
+
+    def stop(self) -> None:
+        if self.pid is not None:
+            _kill(self.pid)
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+        if self.sock is not None:
+            self.sock.close()
+        self.pid, self.sock = None, None
 
 
 def _prefer_as_oom_victim() -> None:
@@ -668,27 +807,43 @@ def _children_of(parent: int) -> list[int]:
     return found
 
 
-def _kill_leftovers(pgid: int, uid: int | None) -> None:
+def _children() -> list[int]:
+    """The runner's children: one small /proc file where the kernel has it, else a scan of /proc."""
+    try:
+        text = _read_proc(f"/proc/self/task/{os.getpid()}/children")
+    except OSError:
+        return _children_of(os.getpid())
+    return [int(pid) for pid in text.split()]
+
+
+def _kill_leftovers(pgid: int, uid: int | None, judge: JudgeProcess) -> None:
     """Kill and reap everything the program started, daemons that called setsid included.
 
     The runner is a child subreaper (or PID 1 in a container), so every orphan of the program becomes the
-    runner's child: the job is over only when the runner has no children left.
+    runner's child: the job is over when the runner has no children left but its judge.
     """
     deadline = time.monotonic() + 5.0
     while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return  # no descendants left: the common case costs one system call
-        if pid:
-            continue
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return  # no descendants left (no judge yet)
+            if not pid:
+                break
+            if pid == judge.pid:  # it died: the next job starts another
+                judge.pid = None
+                judge.stop()
+        left = [pid for pid in _children() if pid != judge.pid]
+        if not left:
+            return  # the common case: one small /proc read
         try:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
         if uid is not None:
             _kill_uid(uid)
-        for child in _children_of(os.getpid()):
+        for child in left:
             try:
                 os.kill(child, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -780,22 +935,6 @@ def _remove_ipc(uid: int) -> None:
     os.waitpid(helper, 0)
 
 
-_compiled: dict[tuple[str, str], object] = {}
-
-
-def _compile_trusted(source: str | None, filename: str) -> object:
-    """The suite's code (prompt helpers, test), compiled once per runner: every sample of a task shares it."""
-    if not source:
-        return None
-    key = (filename, source)
-    code = _compiled.get(key)
-    if code is None:
-        if len(_compiled) >= 1024:
-            _compiled.clear()
-        code = _compiled[key] = compile(source, filename, "exec")
-    return code
-
-
 def _kill(pid: int) -> None:
     for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
         try:
@@ -805,125 +944,130 @@ def _kill(pid: int) -> None:
 
 
 def _status(
-    limits: dict, wall_killed: bool, judge: tuple[int, float], program: tuple[int, float] | None, passed: bool
+    limits: dict, wall_killed: bool, verdict: dict | None, program: tuple[int, float] | None
 ) -> tuple[str, str]:
-    """The verdict from how both children ended. `program` is None when it was still serving at the end."""
+    """The outcome from the judge's verdict and how the program ended (None: it was still serving)."""
+    judged = verdict["verdict"] if verdict is not None else None
     if wall_killed:
         return "timeout", f"wall time limit {limits['wall_time_s']} s"
-    if passed:
+    if judged == "passed":
         return "passed", ""
-    cpu_limit = int(limits["cpu_time_s"])
-    ended = [judge] + ([program] if program is not None else [])
-    for code, cpu in ended:
-        if code == -signal.SIGXCPU or (code == -signal.SIGKILL and cpu >= cpu_limit):
-            return "timeout", f"CPU time limit {limits['cpu_time_s']} s"
-    for code, _ in ended:
-        # An unexplained SIGKILL inside a container is the cgroup OOM killer.
-        if code in (EXIT_MEMORY_ERROR, -signal.SIGKILL):
-            return "oom", "memory limit"
-    program_code = program[0] if program is not None else None
-    if program_code == -signal.SIGXFSZ:
+    code, cpu = program if program is not None else (None, 0.0)
+    if (
+        judged == "timeout"
+        or code == -signal.SIGXCPU
+        or (code == -signal.SIGKILL and cpu >= int(limits["cpu_time_s"]))
+    ):
+        return "timeout", f"CPU time limit {limits['cpu_time_s']} s"
+    # An unexplained SIGKILL inside a container is the cgroup OOM killer.
+    if judged == "memory" or code in (EXIT_MEMORY_ERROR, -signal.SIGKILL):
+        return "oom", "memory limit"
+    if code == -signal.SIGXFSZ:
         return "failed", "file size limit"
-    if program_code == EXIT_SYNTAX_ERROR:
+    if code == EXIT_SYNTAX_ERROR:
         return "syntax_error", ""
-    if EXIT_RUNNER_BUG in (judge[0], program_code):
-        return "sandbox_error", "the runner could not set up a child"
-    if judge[0] == EXIT_UNSUPPORTED_TEST:
+    if code == EXIT_RUNNER_BUG:
+        return "sandbox_error", "the runner could not set up the program"
+    if judged is None:
+        return "failed", "the judge ended during the check"
+    if judged == "unsupported":
         return "failed", "the test passes the candidate a value that cannot cross the judge boundary"
-    if judge[0] == EXIT_PROGRAM_ENDED and program_code == 0:
+    if judged == "program_ended" and code == 0:
         return "exited_early", "the program exited before the check completed"
     return "failed", ""
 
 
-def run_job(job: dict, work_root: str, uid: int | None, judge_uid: int | None) -> dict:
-    """Run one program and its judge under the job's limits and report how it ended."""
+def run_job(job: dict, work_root: str, uid: int | None, judge: JudgeProcess) -> dict:
+    """Run one program under the job's limits while the judge runs its test, and report how it ended."""
     limits = {**DEFAULT_LIMITS, **{k: job[k] for k in DEFAULT_LIMITS if k in job}}
-    code = (
-        _compile_trusted(job.get("helpers"), "prompt.py"),
-        _compile_trusted(job.get("test"), "test.py"),
-    )
-    if code[1] is not None and not job.get("entry_point"):
+    if job.get("test") and not job.get("entry_point"):
         raise ValueError("a job with a test needs its entry_point")
     capture = Capture(work_root, uid)
-    nonce = os.urandom(16).hex().encode()
     calls_r, calls_w = os.pipe()
     replies_r, replies_w = os.pipe()
-    verdict_r, verdict_w = os.pipe()
     started = time.monotonic()
     program_pid = os.fork()
     if program_pid == 0:
         _run_program({**job, **limits}, capture, calls_r, replies_w, uid)
-    judge_pid = os.fork()
-    if judge_pid == 0:
-        _run_judge({**job, **limits}, code, capture, calls_w, replies_r, verdict_w, nonce, judge_uid)
-    for fd in (calls_r, calls_w, replies_r, replies_w, verdict_w):
-        os.close(fd)
+    os.close(calls_r)
+    os.close(replies_w)
+    try:
+        judge.submit(job, limits, [calls_w, replies_r, capture.stderr])
+    finally:  # the judge has its own copies now
+        os.close(calls_w)
+        os.close(replies_r)
 
     wall_killed = False
+    verdict: dict | None = None
     program_end: tuple[int, float] | None = None
-    program_fd, judge_fd = os.pidfd_open(program_pid), os.pidfd_open(judge_pid)
+    program_fd = os.pidfd_open(program_pid)
     try:
         deadline = started + limits["wall_time_s"]
-        while True:
-            waiting = [judge_fd] if program_end is not None else [judge_fd, program_fd]
+        judging = True
+        while judging:
+            waiting = [judge] if program_end is not None else [judge, program_fd]
             ready, _, _ = select.select(waiting, [], [], max(0.0, deadline - time.monotonic()))
             if not ready:
+                # Out of wall time. Ending the program ends the judge's wait for it; a judge that still
+                # says nothing is replaced.
                 wall_killed = True
-                _kill(judge_pid)
+                _kill(program_pid)
+                if uid is not None:
+                    _kill_uid(uid)
+                if program_end is None:
+                    program_end = _reap(program_pid)
+                if select.select([judge], [], [], 2.0)[0]:
+                    judge.verdict()
+                else:
+                    judge.stop()
                 break
-            if judge_fd in ready:
-                break
-            # The program ended first: reap it and whatever it left holding the judge's pipe, so the judge
-            # reads end-of-stream now instead of waiting for the wall clock.
-            _, wait_status, usage = os.wait4(program_pid, 0)
-            program_end = (os.waitstatus_to_exitcode(wait_status), usage.ru_utime + usage.ru_stime)
-            _kill(program_pid)
-            if uid is not None:
-                _kill_uid(uid)
-        _, wait_status, usage = os.wait4(judge_pid, 0)
-        judge_end = (os.waitstatus_to_exitcode(wait_status), usage.ru_utime + usage.ru_stime)
-        program_cpu = program_end[1] if program_end is not None else 0.0
+            if judge in ready:
+                verdict = judge.verdict()
+                judging = False
+            if program_fd in ready and program_end is None:
+                # The program ended first: reap it and whatever it left holding the judge's pipes, so that
+                # the judge reads end-of-stream now instead of waiting for the wall clock.
+                program_end = _reap(program_pid)
+                _kill(program_pid)
+                if uid is not None:
+                    _kill_uid(uid)
         if program_end is None:
             # A judge that saw the program's pipe close saw it exiting (a process closes its files before it
-            # becomes a zombie): wait a moment for how it ended. Otherwise the judge is done with it (or the
-            # wall clock is), and it ends here, unjudged.
-            dying = judge_end[0] == EXIT_PROGRAM_ENDED and not wall_killed
+            # becomes a zombie): wait a moment for how it ended. Otherwise the judge is done with it: it
+            # ends here, unjudged.
+            dying = verdict is not None and verdict["verdict"] == "program_ended"
             if not (dying and select.select([program_fd], [], [], 1.0)[0]):
                 _kill(program_pid)
-            _, wait_status, usage = os.wait4(program_pid, 0)
-            program_cpu = usage.ru_utime + usage.ru_stime
-            if dying:
-                program_end = (os.waitstatus_to_exitcode(wait_status), program_cpu)
+            ended = _reap(program_pid)
+            program_end = ended if dying else None
+            program_cpu = ended[1]
+        else:
+            program_cpu = program_end[1]
     finally:
         os.close(program_fd)
-        os.close(judge_fd)
     duration = time.monotonic() - started
-    _kill_leftovers(program_pid, uid)
+    _kill_leftovers(program_pid, uid, judge)
     if uid is not None:
         _remove_ipc(uid)
 
-    os.set_blocking(verdict_r, False)
-    try:
-        marker = os.read(verdict_r, 64)
-    except BlockingIOError:
-        marker = b""
-    os.close(verdict_r)
-
-    passed = not wall_killed and judge_end[0] == 0 and marker == nonce
-    status, note = _status(limits, wall_killed, judge_end, program_end, passed)
-    exit_code = program_end[0] if program_end is not None else judge_end[0]
+    status, note = _status(limits, wall_killed, verdict, program_end)
     result = {
         "id": job.get("id"),
         "status": status,
         "passed": status == "passed",
-        "exit_code": exit_code,
+        "exit_code": program_end[0] if program_end is not None else None,
         "duration_s": round(duration, 6),
-        "cpu_s": round(program_cpu + judge_end[1], 6),
+        "cpu_s": round(program_cpu + (verdict or {}).get("cpu_s", 0.0), 6),
         "note": note,
     }
     result["stdout_tail"], result["stderr_tail"] = capture.tails(limits["output_bytes"])
     capture.remove()
     return result
+
+
+def _reap(pid: int) -> tuple[int, float]:
+    _, wait_status, usage = os.wait4(pid, 0)
+    return os.waitstatus_to_exitcode(wait_status), usage.ru_utime + usage.ru_stime
 
 
 def main(argv: list[str]) -> int:
@@ -953,6 +1097,7 @@ def main(argv: list[str]) -> int:
     os.makedirs(work_root, exist_ok=True)
     _harden_runner()
     _warm_up()
+    judge = JudgeProcess(judge_uid)
     # Keep the protocol channel on a private descriptor so stray prints cannot corrupt it.
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
@@ -963,7 +1108,7 @@ def main(argv: list[str]) -> int:
     for raw in reader:
         try:
             job = json.loads(raw)
-            result = run_job(job, work_root, uid, judge_uid)
+            result = run_job(job, work_root, uid, judge)
         except Exception as error:  # a malformed job must not stop the runner
             result = {"id": None, "status": "sandbox_error", "passed": False, "note": f"runner: {error!r}"}
             try:
