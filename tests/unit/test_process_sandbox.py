@@ -93,7 +93,7 @@ def test_verdict(results: dict[str, JobResult], name: str) -> None:
     assert result.passed == (result.status == "passed")
 
 
-def test_timeouts_are_rerun_alone(results: dict[str, JobResult]) -> None:
+def test_timeouts_are_run_twice(results: dict[str, JobResult]) -> None:
     assert results["infinite_loop"].attempts == 2
     assert results["correct"].attempts == 1
 
