@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import docker
+import pytest
 
 from evalpipe import pipeline
 from evalpipe.cli import make_executor
@@ -27,6 +28,7 @@ def test_killed_containers_charge_no_sample_and_resume_completes(
     tmp_path: Path,
     humaneval_tasks: list[Task],
     cli: Callable[..., CliResult],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     # Correct programs that take 0.3 s each, so that containers die while they run.
     samples = tmp_path / "slow.jsonl"
@@ -67,7 +69,7 @@ def test_killed_containers_charge_no_sample_and_resume_completes(
                     killed.append(container)
                 except docker.errors.APIError:
                     pass  # already gone
-            time.sleep(0.15)
+            time.sleep(0.05)
 
     killer = threading.Thread(target=kill_containers, daemon=True)
     killer.start()
@@ -86,6 +88,13 @@ def test_killed_containers_charge_no_sample_and_resume_completes(
 
     after_faults = run.executions()
     statuses = {e.status for e in after_faults}
+    with capsys.disabled():  # the `cli` fixture captures output
+        print(
+            f"\n{len(killed)} kills, {box.runners_started} containers started, run failed: {failed_run}; "
+            f"{len(after_faults)} of {len(rows)} executed: "
+            + ", ".join(f"{s} {sum(e.status == s for e in after_faults)}" for s in sorted(statuses))
+            + f"; {sum(e.attempts > 1 for e in after_faults)} needed a second attempt"
+        )
     assert statuses <= {"passed", "sandbox_error"}, statuses  # no sample charged as failed or timed out
     assert failed_run or "sandbox_error" in statuses or any(e.attempts > 1 for e in after_faults)
     code, _, err = cli("score", run.path)
