@@ -394,6 +394,8 @@ def _run(config: RunConfig, cluster: ClusterConfig, resume: Path | None) -> None
     finally:
         if executor is None and sandbox is not None:
             sandbox.close()
+        if existing is not None:
+            existing.close()  # its writer lock
 
 
 def _run_plan(plan: RunPlan, executor: Executor, existing: RunDirectory | None) -> None:

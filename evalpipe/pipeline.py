@@ -281,8 +281,14 @@ def execute(
     plan: RunPlan, run: RunDirectory, executor: Executor, reporter: Reporter | None = None
 ) -> list[Score]:
     """Produce every missing generation and execution, then score. The run directory is left resumable."""
-    reporter = reporter or SilentReporter()
     run.lock()
+    try:
+        return _execute(plan, run, executor, reporter or SilentReporter())
+    finally:
+        run.close()  # appenders and the writer lock: released however the run ended
+
+
+def _execute(plan: RunPlan, run: RunDirectory, executor: Executor, reporter: Reporter) -> list[Score]:
     tasks = {task.id: task for task in plan.tasks}
     expected = {request.key.as_tuple(): request for request in plan.requests}
     generations = {g.key.as_tuple(): g for g in run.generations(repair=True) if g.key.as_tuple() in expected}
