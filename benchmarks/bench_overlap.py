@@ -34,7 +34,7 @@ from evalpipe import pipeline
 from evalpipe.cluster import MAX_BATCH, RayExecutor
 from evalpipe.engines.base import GenerationRequest
 from evalpipe.engines.scripted import ScriptedEngine
-from evalpipe.program import assemble
+from evalpipe.program import judged_job
 from evalpipe.records import ClusterConfig, RunConfig
 from evalpipe.rundir import RunDirectory
 from evalpipe.sandbox.base import Job
@@ -65,7 +65,7 @@ def plan_for(samples: int, workers: int, runs: Path) -> pipeline.RunPlan:
 
 
 def jobs_for(plan: pipeline.RunPlan, requests: list[GenerationRequest]) -> list[Job]:
-    return [Job(key=r.key, program=assemble(r.task, r.task.canonical_solution or "")) for r in requests]
+    return [judged_job(r.key, r.task, r.task.canonical_solution or "") for r in requests]
 
 
 def timed_executor(plan: pipeline.RunPlan) -> tuple[RayExecutor, float]:

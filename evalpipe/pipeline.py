@@ -26,7 +26,7 @@ from evalpipe.engines.options import engine_options
 from evalpipe.errors import EvalpipeError, RunFailed, UserError
 from evalpipe.executor import Executor
 from evalpipe.fingerprint import describe_changes, run_fingerprints
-from evalpipe.program import assemble, sha256, syntax_valid
+from evalpipe.program import assemble, judged_job, sha256, syntax_valid
 from evalpipe.records import (
     TRANSPORT_FIELDS,
     ClusterConfig,
@@ -297,11 +297,23 @@ def execute(
     plan: RunPlan, run: RunDirectory, executor: Executor, reporter: Reporter | None = None
 ) -> list[Score]:
     """Produce every missing generation and execution, then score. The run directory is left resumable."""
-    reporter = reporter or SilentReporter()
+    run.lock()
+    try:
+        return _execute(plan, run, executor, reporter or SilentReporter())
+    finally:
+        run.close()  # appenders and the writer lock: released however the run ended
+
+
+def _execute(plan: RunPlan, run: RunDirectory, executor: Executor, reporter: Reporter) -> list[Score]:
     tasks = {task.id: task for task in plan.tasks}
     expected = {request.key.as_tuple(): request for request in plan.requests}
     generations = {g.key.as_tuple(): g for g in run.generations(repair=True) if g.key.as_tuple() in expected}
-    executed = {e.key.as_tuple() for e in run.executions(repair=True) if e.key.as_tuple() in expected}
+    # A sample whose sandbox failed (twice) is not an outcome of the model: run it again.
+    executed = {
+        e.key.as_tuple()
+        for e in run.executions(repair=True)
+        if e.key.as_tuple() in expected and e.status != "sandbox_error"
+    }
     manifest = run.manifest.model_copy(update={"status": "running", "error": None})
     tracker = _Tracker(run, manifest, len(generations), len(executed))
     tracker.update(force=True)
@@ -313,7 +325,7 @@ def execute(
         task = tasks[generation.key.task_id]
         program = assemble(task, generation.text)
         meta[generation.key.as_tuple()] = (sha256(program), syntax_valid(task, generation.text))
-        return Job(key=generation.key, program=program)
+        return judged_job(generation.key, task, generation.text)
 
     def record_generation(generation: Generation) -> Job:
         key = generation.key.as_tuple()

@@ -183,6 +183,8 @@ class RunConfig(Record):
     """Use only the first `limit` tasks."""
     samples_path: str | None = None
     samples_sha256: str | None = None
+    allow_partial: bool = False
+    """Score a samples file that covers only some of the suite's tasks (`--allow-partial`)."""
     sandbox: str = "docker"
     limits: SandboxLimits = SandboxLimits()
     engine_args: dict[str, str] = Field(default_factory=dict)

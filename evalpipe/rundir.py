@@ -10,6 +10,7 @@ Layout and guarantees are documented in docs/run-directory.md:
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import json
 import os
@@ -27,6 +28,8 @@ from evalpipe.records import SCHEMA_VERSION, Execution, Generation, Manifest, Ru
 
 CONFIG, MANIFEST, TASKS = "config.json", "manifest.json", "tasks.jsonl"
 GENERATIONS, EXECUTIONS, SCORES = "generations.jsonl", "executions.jsonl", "scores.json"
+LOCK = ".lock"
+"""Held (flock) by the one process that writes the run; a second writer is refused."""
 
 RecordT = TypeVar("RecordT", bound=BaseModel)
 
@@ -130,6 +133,32 @@ class RunDirectory:
         self.path = path
         self._lock = threading.Lock()
         self._appenders: dict[str, IO[str]] = {}
+        self._writer_lock: int | None = None
+
+    def lock(self) -> None:
+        """Become the run's only writer, or raise UserError if another process is writing it.
+
+        An advisory `flock` on `.lock` in the run directory, held until `close()` or this process ends (the
+        kernel releases it even after a crash, so a stale lock cannot block a resume).
+        """
+        if self._writer_lock is not None:
+            return
+        try:
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            raise UserError(f"cannot lock {self.path}: {error.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(
+                f"{self.path} is being written by another evalpipe process (pid {holder}); "
+                "wait for it to finish or stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._writer_lock = fd
 
     # -- creating and opening -------------------------------------------------------------------------
     @classmethod
@@ -191,7 +220,11 @@ class RunDirectory:
         return read_records(self.path / GENERATIONS, Generation, repair=repair)
 
     def executions(self, *, repair: bool = False) -> list[Execution]:
-        return read_records(self.path / EXECUTIONS, Execution, repair=repair)
+        """One execution per sample: the last one recorded (a sample whose sandbox failed is run again by
+        `resume`, and its new record supersedes the `sandbox_error` one)."""
+        records = read_records(self.path / EXECUTIONS, Execution, repair=repair)
+        latest = {record.key.as_tuple(): record for record in records}
+        return records if len(latest) == len(records) else list(latest.values())
 
     def scores(self) -> list[Score]:
         path = self.path / SCORES
@@ -237,6 +270,9 @@ class RunDirectory:
             for handle in self._appenders.values():
                 handle.close()
             self._appenders.clear()
+            if self._writer_lock is not None:
+                os.close(self._writer_lock)  # releases the flock
+                self._writer_lock = None
 
 
 def list_runs(runs_dir: Path) -> list[RunDirectory]:

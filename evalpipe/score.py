@@ -28,9 +28,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def usable_ks(requested: Sequence[int], per_task: dict[str, tuple[int, int]]) -> list[int]:
     """The ks to report: the requested ones, or the defaults that fit the smallest per-task sample count."""
     smallest = min((n for n, _ in per_task.values()), default=0)
-    if requested:
-        return sorted(set(requested))
-    return [k for k in DEFAULT_KS if k <= smallest]
+    # A k above some task's n (a partial run, samples lost to sandbox errors) has no unbiased estimate.
+    return [k for k in (sorted(set(requested)) if requested else DEFAULT_KS) if k <= smallest]
 
 
 def summarize(values: Iterable[float | None]) -> LatencySummary | None:
@@ -67,6 +66,8 @@ def score_runs(
     ):
         counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for row in rows:
+            if row.status == "sandbox_error":
+                continue  # the sandbox failed, not the model: no outcome (counted in status_counts)
             counts[row.key.task_id][0] += 1
             counts[row.key.task_id][1] += int(row.passed)
         per_task = {task_id: (n, c) for task_id, (n, c) in sorted(counts.items())}

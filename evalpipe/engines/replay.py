@@ -85,9 +85,19 @@ class SamplesEngine:
         self._path = Path(config.samples_path)
         self._model = model
         self._samples: dict[str, list[str]] = {}
+        self._allow_partial = config.allow_partial
+        self._covered: tuple[int, int] | None = None
 
     def plan(self, tasks: Sequence[Task]) -> list[GenerationRequest]:
         self._samples = read_samples(self._path, {task.id for task in tasks})
+        missing = [task.id for task in tasks if task.id not in self._samples]
+        self._covered = (len(tasks) - len(missing), len(tasks))
+        if missing and not self._allow_partial:
+            # pass@k averages over tasks: a score over some of them is not the suite's score.
+            raise UserError(
+                f"{self._path}: no samples for {len(missing)} of the suite's {len(tasks)} tasks "
+                f"(first: {missing[0]}); pass --allow-partial to score only the tasks it covers"
+            )
         return [
             GenerationRequest(key=SampleKey(model=self._model, backend="none", task_id=t.id, index=i), task=t)
             for t in tasks
@@ -99,7 +109,14 @@ class SamplesEngine:
             yield _replayed(request, self._samples[request.key.task_id][request.key.index])
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": "samples", "model": self._model, "backend": "none", "samples": str(self._path)}
+        described: dict[str, Any] = {
+            "engine": "samples", "model": self._model, "backend": "none", "samples": str(self._path),
+        }  # fmt: skip
+        if self._covered is not None and self._covered[0] < self._covered[1]:
+            described["partial"] = (
+                f"samples for {self._covered[0]} of {self._covered[1]} tasks (--allow-partial)"
+            )
+        return described
 
     def close(self) -> None:
         pass

@@ -14,10 +14,21 @@ from evalpipe.records import Record, SampleKey, SandboxLimits
 
 
 class Job(Record):
-    """One program to run."""
+    """One program to run and, apart from it, the suite's test that judges it.
+
+    The runner executes `program` (untrusted: prompt + completion) in one process and `helpers` then `test`
+    (trusted suite code) in a judge process, where `check(candidate)` runs with `candidate` calling
+    `entry_point` in the program across a process boundary, as plain data. Without a test the program passes
+    when its module runs to completion (the self-check's attack programs, which judge themselves).
+    """
 
     key: SampleKey
     program: str
+    test: str = ""
+    entry_point: str = ""
+    helpers: str = ""
+    """Code the judge runs before the test, e.g. the prompt, whose helpers (HumanEval/32's `poly`) the test
+    calls: the suite's own definitions, not the program's."""
 
 
 class JobResult(Record):
@@ -50,11 +61,14 @@ class Sandbox(Protocol):
         ...
 
 
-def runner_job(job_id: str, program: str, limits: SandboxLimits) -> dict[str, Any]:
+def runner_job(job_id: str, job: Job, limits: SandboxLimits) -> dict[str, Any]:
     """The JSON job the runner reads."""
     return {
         "id": job_id,
-        "program": program,
+        "program": job.program,
+        "test": job.test,
+        "entry_point": job.entry_point,
+        "helpers": job.helpers,
         "cpu_time_s": limits.cpu_time_s,
         "wall_time_s": limits.wall_time_s,
         "memory_bytes": limits.memory_mb << 20,

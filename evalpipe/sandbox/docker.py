@@ -146,6 +146,9 @@ class _ContainerRunner(RunnerConnection):
     ):
         super().__init__()
         self.job_uid = JOB_UID_RANGE[0] + secrets.randbelow(JOB_UID_RANGE[1] - JOB_UID_RANGE[0])
+        self.judge_uid = self.job_uid
+        while self.judge_uid == self.job_uid:
+            self.judge_uid = JOB_UID_RANGE[0] + secrets.randbelow(JOB_UID_RANGE[1] - JOB_UID_RANGE[0])
         self._demux = _Demultiplexer()
         self._container: Any = None
         self._attach: Any = None
@@ -158,6 +161,8 @@ class _ContainerRunner(RunnerConnection):
             WORK_ROOT,
             "--job-uid",
             str(self.job_uid),
+            "--judge-uid",
+            str(self.judge_uid),
         ]
         try:
             # stdin_open without detach sets StdinOnce: when evalpipe dies, the attach connection closes,
@@ -186,7 +191,7 @@ class _ContainerRunner(RunnerConnection):
             self._socket = raw
             self._container.start()
             hello = self.handshake()
-            if hello.get("job_uid") != self.job_uid:
+            if hello.get("job_uid") != self.job_uid or hello.get("judge_uid") != self.judge_uid:
                 raise RunnerGone(f"the runner is not root in its container and cannot switch uid: {hello}")
         except RunnerGone:
             self.close()
@@ -268,7 +273,7 @@ class DockerSandbox:
 
     def _start(self, slot: int) -> RunnerConnection:
         labels = {LABEL: self.instance, f"{LABEL}.slot": str(slot)}
-        runner = _ContainerRunner(self._client, self._image, self._settings, labels)
+        runner = _ContainerRunner(self._client, self._image_id, self._settings, labels)
         with self._lock:
             self._runners[slot] = runner
             self.runners_started += 1
@@ -291,6 +296,7 @@ class DockerSandbox:
             "container": {
                 **_describe_settings(self._settings),
                 "job_uid": f"non-root, random per container in [{JOB_UID_RANGE[0]}, {JOB_UID_RANGE[1]})",
+                "judge_uid": "non-root, random per container, never the job uid",
                 "runtime": self._settings.get("runtime", "default"),
             },
             "docker_server": str(self._server.get("Version", "")),

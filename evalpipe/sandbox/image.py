@@ -118,9 +118,28 @@ def image_id(name: str = DEFAULT_IMAGE, client: docker.DockerClient | None = Non
             return None
 
 
+def runner_tag(name: str = DEFAULT_IMAGE) -> str:
+    """`name` with the runner's hash in its tag, e.g. `evalpipe-sandbox:py311-runner-0123456789ab`.
+
+    `build_image` tags every image so as well, and `ensure_image` looks for that tag first: checkouts with
+    different runners (branches, worktrees) then each find their own image instead of rebuilding the shared
+    name back and forth.
+    """
+    suffix = f"-runner-{runner_sha256()[:12]}"
+    if name.endswith(suffix):
+        return name
+    repository, _, tag = name.rpartition(":") if ":" in name.rsplit("/", 1)[-1] else (name, "", "latest")
+    return f"{repository}:{tag}{suffix}"
+
+
 def ensure_image(name: str = DEFAULT_IMAGE, client: docker.DockerClient | None = None) -> str:
-    """The id of image `name`; a `UserError` naming the build command when it is missing or out of date."""
+    """The id of image `name` (or of its `runner_tag`, when that exists and is current); a `UserError` naming
+    the build command when it is missing or out of date."""
     client = client or docker_client()
+    with docker_errors(f"cannot inspect image {name}"), contextlib.suppress(docker.errors.ImageNotFound):
+        tagged = client.images.get(runner_tag(name))
+        if (tagged.labels or {}).get(RUNNER_LABEL) == runner_sha256():
+            return str(tagged.id)
     with docker_errors(f"cannot inspect image {name}"):
         try:
             image = client.images.get(name)
@@ -151,6 +170,10 @@ def build_image(
     else:
         new_id = _build_offline(client, name, say)
     _smoke_test(client, name, say)
+    if runner_tag(name) != name:
+        repository, _, tag = runner_tag(name).rpartition(":")
+        with docker_errors(f"cannot tag image {name}"):
+            client.images.get(new_id).tag(repository, tag)
     if previous is not None and previous != new_id:
         # The old image lost its tag; drop it unless containers still use it (then Docker refuses: fine).
         with contextlib.suppress(docker.errors.APIError):

@@ -94,13 +94,19 @@ def read_socket_chunk(sock: socket.socket, timeout: float) -> bytes | None:
     return sock.recv(1 << 16) if ready else None
 
 
+_START_RETRY_S = 0.5
+"""Pause before starting a runner again after one failed to start (a daemon restarting, a full host)."""
+_RERUN_ONCE = frozenset({"timeout", "sandbox_error"})
+"""Statuses that are decided only by a second run."""
+
 PIPELINE_DEPTH = 2
 """Jobs sent ahead to each runner: the next job waits in its stdin while the current one runs, so a runner
 never idles for a round trip to evalpipe. Runners still run one program at a time."""
 
 
 class RunnerPool:
-    """Runs jobs on `workers` runners; restarts dead ones; re-runs timeouts alone before reporting them."""
+    """Runs jobs on `workers` runners; restarts dead ones; runs timeouts and sandbox errors a second time
+    before reporting them."""
 
     def __init__(
         self,
@@ -157,7 +163,7 @@ class RunnerPool:
                 raise RunFailed(f"the sandbox keeps failing ({self._failures} runners replaced)")
 
     def _message(self, job: Job) -> dict[str, Any]:
-        return runner_job(f"{job.key.task_id}#{job.key.index}", job.program, self._limits)
+        return runner_job(f"{job.key.task_id}#{job.key.index}", job, self._limits)
 
     def _result(self, message: dict[str, Any], reply: dict[str, Any], attempts: int) -> JobResult:
         if reply.get("id") != message["id"]:
@@ -170,21 +176,6 @@ class RunnerPool:
         return JobResult(
             status="sandbox_error", passed=False, note=f"runner failed twice: {error}", attempts=attempts
         )
-
-    def run_one(self, slot: int, job: Job, attempts_before: int = 0) -> JobResult:
-        """Run a job alone on the runner of `slot`; a dead runner is replaced and the job retried once."""
-        message = self._message(job)
-        last_error = ""
-        for attempt in (1, 2):
-            try:
-                connection = self._connection(slot)
-                connection.send(message)
-                reply = connection.receive(self._limits.wall_time_s + _GRACE_S)
-                return self._result(message, reply, attempts_before + attempt)
-            except RunnerGone as error:
-                last_error = str(error)
-                self._replace(slot)
-        return self._gave_up(last_error, attempts_before + 2)
 
     def _serve_slot(
         self, slot: int, todo: queue.Queue[Job | None], done: queue.Queue[tuple[Job, JobResult]]
@@ -212,13 +203,27 @@ class RunnerPool:
                 return
             try:
                 connection = self._connection(slot)
+            except RunnerGone:
+                # A runner that never started ran nothing: no job is charged. `_replace` counts the failure
+                # and gives up (RunFailed: the run stops, resumable) when the sandbox keeps failing.
+                self._replace(slot)
+                time.sleep(_START_RETRY_S)
+                continue
+            try:
                 while unsent:
                     connection.send(unsent[0][1])
                     in_flight.append(unsent.popleft())
                 job, message, charged = in_flight[0]
                 reply = connection.receive(self._limits.wall_time_s + _GRACE_S)
-                done.put((job, self._result(message, reply, charged + 1)))
+                result = self._result(message, reply, charged + 1)
                 in_flight.popleft()
+                if result.status in _RERUN_ONCE and charged == 0:
+                    # Timeouts (wall and even CPU time are load-sensitive) and the runner's own failures
+                    # count only if they repeat: run it again now, next on this runner, while the other
+                    # runners go on with theirs.
+                    unsent.appendleft((job, message, 1))
+                else:
+                    done.put((job, result))
             except RunnerGone as error:
                 self._replace(slot)
                 retry = in_flight + unsent
@@ -261,7 +266,6 @@ class RunnerPool:
         ]
         for thread in threads:
             thread.start()
-        timed_out: list[Job] = []
         finished = 0
         while finished < self._workers:
             item = done.get()
@@ -269,13 +273,8 @@ class RunnerPool:
                 finished += 1
             elif isinstance(item, BaseException):
                 raise item
-            elif item[1].status == "timeout":
-                timed_out.append(item[0])  # decided below, when nothing else competes for the CPU
             else:
                 yield item
-        # Wall-clock and even CPU-time limits are load-sensitive; a timeout counts only if it repeats alone.
-        for job in timed_out:
-            yield job, self.run_one(0, job, attempts_before=1)
 
     def close(self) -> None:
         self._closed = True

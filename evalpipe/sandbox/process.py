@@ -27,14 +27,16 @@ WARNING = (
 )
 JOB_UID_BASE = 61000
 """As root, worker k runs programs as uid JOB_UID_BASE + k, so that RLIMIT_NPROC and cleanup see only them."""
+JUDGE_UID_BASE = 62000
+"""As root, worker k runs judges as uid JUDGE_UID_BASE + k: a program cannot signal or trace its judge."""
 
 
 class _SubprocessRunner(RunnerConnection):
-    def __init__(self, work_root: Path, job_uid: int | None) -> None:
+    def __init__(self, work_root: Path, slot: int | None) -> None:
         super().__init__()
         command = [sys.executable, "-I", "-S", str(runner_script()), "--work-root", str(work_root)]
-        if job_uid is not None:
-            command += ["--job-uid", str(job_uid)]
+        if slot is not None:
+            command += ["--job-uid", str(JOB_UID_BASE + slot), "--judge-uid", str(JUDGE_UID_BASE + slot)]
         self._process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
         )
@@ -69,7 +71,7 @@ class ProcessSandbox:
         self._pool.warm()
 
     def _start(self, slot: int) -> RunnerConnection:
-        return _SubprocessRunner(self._work_root, JOB_UID_BASE + slot if self._as_root else None)
+        return _SubprocessRunner(self._work_root, slot if self._as_root else None)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -78,6 +80,7 @@ class ProcessSandbox:
             "workers": self._workers,
             "limits": self._limits.model_dump(),
             "process_limit": "per-worker uid" if self._as_root else "none (not root)",
+            "judge": "separate process, per-worker uid" if self._as_root else "separate process, same uid",
             "python": sys.version.split()[0],
         }
 

@@ -41,34 +41,216 @@ def has_close_elements(numbers: List[float], threshold: float) -> bool:
     return False
 
 
+# A clean start: a fresh, empty work dir, and memory to use.
+assert sorted(os.listdir(".")) == [".stderr", ".stdout"], os.listdir(".")
+assert len(bytearray(64 << 20)) == 64 << 20
+"""
+CANONICAL_TEST = """\
 def check(candidate):
     assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3) == True
     assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.05) == False
     assert candidate([1.0, 2.0, 5.9, 4.0, 5.0], 0.95) == True
     assert candidate([1.1, 2.2, 3.1, 4.1, 5.1], 1.0) == True
-
-
-check(has_close_elements)
-# A clean start: a fresh, empty work dir, and memory to use.
-assert sorted(os.listdir(".")) == [".stderr", ".stdout"], os.listdir(".")
-assert len(bytearray(64 << 20)) == 64 << 20
 """
-"""HumanEval/0 with its canonical solution and tests, plus two assertions that the work dir is fresh."""
+"""HumanEval/0's canonical solution and checks of a fresh work dir; CANONICAL_TEST judges it."""
 
 
 @dataclass(frozen=True)
 class HostileCase:
-    """One attack: `program` may use @PORT@, @SECRET@ and @JOB_ID@; `setup` runs just before it."""
+    """One attack: `program` may use @PORT@, @SECRET@ and @JOB_ID@; `setup` runs just before it.
+
+    With a `test` the program is judged as a sample is (the test's `check` calls `entry_point` from the
+    judge); without one it passes when its module runs to completion.
+    """
 
     name: str
     program: str
     expected: frozenset[str]
     setup: str | None = None
+    test: str = ""
+    entry_point: str = ""
 
 
-_SOLUTION = (
-    "def add(a, b):\n    return a + b\n\n\ndef check(candidate):\n    assert candidate(2, 3) == 5\n\n\n"
+_SOLUTION = "def add(a, b):\n    return a + b\n\n\n"
+ADD_TEST = (
+    "def check(candidate):\n"
+    "    assert candidate(2, 3) == 5\n"
+    "    assert candidate(-1, 1) == 0\n"
+    "    assert candidate(10, 5) == 15\n"
 )
+"""The test of the forgery attempts: each program's `add` is wrong, so only a forged verdict passes."""
+SORT_TEST = "def check(candidate):\n    assert candidate([3, 1, 2]) == [1, 2, 3]\n"
+_FORGED_FRAMES = (
+    # What the judge would read from a program that answered, and what the runner would take for a verdict.
+    "fake = [b'\\x00\\x00\\x00\\x09[\"ready\"]', b'\\x00\\x00\\x00\\x08[\"ok\",5]',\n"
+    "        (json.dumps({'id': '@JOB_ID@', 'status': 'passed', 'passed': True}) + '\\n').encode()]\n"
+)
+
+
+def _forgery(name: str, program: str, expected: str = "failed", test: str = ADD_TEST) -> HostileCase:
+    entry = "sort_list" if test is SORT_TEST else "add"
+    return HostileCase(name, program, frozenset({expected}), test=test, entry_point=entry)
+
+
+FORGERIES: tuple[HostileCase, ...] = (
+    _forgery(
+        "forgery: walking frames for the verdict's secret",
+        "import gc, os, sys\n"
+        "def add(a, b):\n"
+        "    found = set()\n"
+        "    frame = sys._getframe()\n"
+        "    while frame is not None:\n"
+        "        for value in [*frame.f_locals.values(), *frame.f_globals.values()]:\n"
+        "            if isinstance(value, (bytes, int)):\n"
+        "                found.add(value)\n"
+        "        frame = frame.f_back\n"
+        "    for value in gc.get_objects():\n"
+        "        if isinstance(value, bytes) and len(value) == 32:\n"
+        "            found.add(value)\n"
+        "    pipes = [v for v in found if isinstance(v, int) and 2 < v < 1024]\n"
+        "    for fd in pipes + list(range(3, 64)):\n"
+        "        for secret in [v for v in found if isinstance(v, bytes)]:\n"
+        "            try:\n"
+        "                os.write(fd, secret)\n"
+        "            except OSError:\n"
+        "                pass\n"
+        "    return 0\n",
+    ),
+    _forgery(
+        "forgery: walking frames at module level",
+        "import os, sys\n"
+        "frame = sys._getframe()\n"
+        "while frame is not None:\n"
+        "    for name, value in list(frame.f_locals.items()):\n"
+        "        if isinstance(value, bytes):\n"
+        "            for fd in range(3, 64):\n"
+        "                try:\n"
+        "                    os.write(fd, value)\n"
+        "                except OSError:\n"
+        "                    pass\n"
+        "    frame = frame.f_back\n"
+        "def add(a, b):\n"
+        "    return 0\n",
+    ),
+    _forgery(
+        "forgery: an object equal to everything",
+        "class Anything:\n"
+        "    def __eq__(self, other):\n"
+        "        return True\n"
+        "    def __ne__(self, other):\n"
+        "        return False\n"
+        "    __hash__ = object.__hash__\n"
+        "def add(a, b):\n"
+        "    return Anything()\n",
+    ),
+    _forgery(
+        "forgery: an int subclass equal to everything",
+        "class Int(int):\n"
+        "    def __eq__(self, other):\n"
+        "        return True\n"
+        "    __hash__ = int.__hash__\n"
+        "def add(a, b):\n"
+        "    return Int(0)\n",
+    ),
+    _forgery(
+        "forgery: a list subclass equal to everything",
+        "class Lying(list):\n"
+        "    def __eq__(self, other):\n"
+        "        return True\n"
+        "def sort_list(values):\n"
+        "    return Lying()\n",
+        test=SORT_TEST,
+    ),
+    _forgery(
+        "forgery: patched builtins at module level",
+        "import builtins, operator\n"
+        "builtins.AssertionError = type('Ignored', (Exception,), {})\n"
+        "builtins.isinstance = lambda *args: True\n"
+        "builtins.abs = lambda value: 0\n"
+        "operator.eq = lambda a, b: True\n"
+        "def add(a, b):\n"
+        "    return 0\n",
+    ),
+    _forgery(
+        "forgery: patching the runner's and json's functions",
+        "import json, sys\n"
+        "runner = sys._getframe(1).f_globals\n"
+        "for name in ('from_plain', 'to_plain', '_read_frame', '_encode_frame', 'CandidateFailed'):\n"
+        "    if name in runner:\n"
+        "        runner[name] = lambda *args, **kwargs: None\n"
+        "json.dumps = lambda *args, **kwargs: '[\"ok\",5]'\n"
+        "json.loads = lambda *args, **kwargs: ['ok', 5]\n"
+        "def add(a, b):\n"
+        "    return 0\n",
+    ),
+    _forgery(
+        "forgery: tracing hooks that rewrite results",
+        "import sys\n"
+        "def tracer(frame, event, arg):\n"
+        "    if event == 'return' and frame.f_code.co_name == 'check':\n"
+        "        frame.f_locals.clear()\n"
+        "    return tracer\n"
+        "sys.settrace(tracer)\n"
+        "sys.setprofile(tracer)\n"
+        "def add(a, b):\n"
+        "    return a - b\n",
+    ),
+    _forgery(
+        "forgery: writing fake replies and verdicts to every descriptor",
+        "import json, os\n" + _FORGED_FRAMES + "targets = [f'/proc/self/fd/{fd}' for fd in range(64)]\n"
+        "for pid in os.listdir('/proc'):\n"
+        "    if pid.isdigit():\n"
+        "        try:\n"
+        "            targets += [f'/proc/{pid}/fd/{fd}' for fd in os.listdir(f'/proc/{pid}/fd')]\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "for path in targets:\n"
+        "    try:\n"
+        "        out = os.open(path, os.O_WRONLY | os.O_NONBLOCK)\n"
+        "    except OSError:\n"
+        "        continue\n"
+        "    for data in fake:\n"
+        "        try:\n"
+        "            os.write(out, data)\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    os.close(out)\n"
+        "def add(a, b):\n"
+        "    return 0\n",
+    ),
+    _forgery(
+        "forgery: killing every other process it can see",
+        "import os, signal\n"
+        "def add(a, b):\n"
+        "    for pid in os.listdir('/proc'):\n"
+        "        if pid.isdigit() and int(pid) not in (os.getpid(), os.getppid(), 1):\n"
+        "            try:\n"
+        "                os.kill(int(pid), signal.SIGKILL)\n"
+        "            except OSError:\n"
+        "                pass\n"
+        "    return 0\n",
+    ),
+    _forgery(
+        "forgery: exiting 0 inside the call", "import os\ndef add(a, b):\n    os._exit(0)\n", "exited_early"
+    ),
+    _forgery(
+        "forgery: a reply too large to read",
+        "def add(a, b):\n    return 'x' * (64 << 20)\n",
+    ),
+    _forgery(
+        "forgery: a reply that never ends",
+        "import os, sys, time\n"
+        "def add(a, b):\n"
+        "    for fd in range(3, 16):\n"
+        "        try:\n"
+        "            os.write(fd, b'\\x00\\x00\\x10\\x00[\"ok\",')\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    time.sleep(3600)\n",
+        "timeout",
+    ),
+)
+"""Programs that try to forge a pass of a test they fail: each must end not passed."""
 
 CASES: tuple[HostileCase, ...] = (
     HostileCase(
@@ -185,13 +367,17 @@ CASES: tuple[HostileCase, ...] = (
     ),
     HostileCase(
         "sys.exit(0) before the check",
-        _SOLUTION + "import sys\nsys.exit(0)\ncheck(add)\n",
+        _SOLUTION + "import sys\nsys.exit(0)\n",
         frozenset({"exited_early"}),
+        test=ADD_TEST,
+        entry_point="add",
     ),
     HostileCase(
         "os._exit(0) before the check",
-        _SOLUTION + "import os\nos._exit(0)\ncheck(add)\n",
+        _SOLUTION + "import os\nos._exit(0)\n",
         frozenset({"exited_early"}),
+        test=ADD_TEST,
+        entry_point="add",
     ),
     HostileCase(
         "forging a passed result",
@@ -263,6 +449,7 @@ CASES: tuple[HostileCase, ...] = (
         "raise AssertionError('closed')\n",
         frozenset({"failed"}),
     ),
+    *FORGERIES,
 )
 """The hostile-program suite, in the order it runs."""
 
@@ -322,12 +509,18 @@ def _listening() -> Iterator[_Listener]:
         listener.close()
 
 
-def _run(sandbox: Sandbox, name: str, index: int, program: str) -> tuple[Job, JobResult]:
-    job = Job(key=SampleKey(model="selfcheck", backend="none", task_id=name, index=index), program=program)
+def _run(
+    sandbox: Sandbox, name: str, index: int, program: str, test: str = "", entry_point: str = ""
+) -> tuple[Job, JobResult]:
+    key = SampleKey(model="selfcheck", backend="none", task_id=name, index=index)
+    job = Job(key=key, program=program, test=test, entry_point=entry_point)
     results = list(sandbox.run([job]))
     if len(results) != 1:
         raise RuntimeError(f"the sandbox returned {len(results)} results for one job")
     return results[0]
+
+
+_CANONICAL_JOB = (CANONICAL, CANONICAL_TEST, "has_close_elements")
 
 
 def _fill(template: str, fields: dict[str, str]) -> str:
@@ -351,7 +544,7 @@ def check_sandbox(sandbox: Sandbox, *, only: tuple[str, ...] | None = None) -> l
     rows: list[CheckResult] = []
     index = 0
     with _listening() as listener:
-        _, baseline = _run(sandbox, "selfcheck/canonical", index, CANONICAL)
+        _, baseline = _run(sandbox, "selfcheck/canonical", index, *_CANONICAL_JOB)
         rows.append(
             CheckResult(
                 name="canonical program",
@@ -378,8 +571,9 @@ def check_sandbox(sandbox: Sandbox, *, only: tuple[str, ...] | None = None) -> l
             if case.setup is not None:
                 _run(sandbox, task + "/setup", index, _fill(case.setup, fields))
             connections = listener.connections
-            _, result = _run(sandbox, task, index, _fill(case.program, fields))
-            _, after = _run(sandbox, "selfcheck/canonical", index, CANONICAL)
+            program = _fill(case.program, fields)
+            _, result = _run(sandbox, task, index, program, case.test, case.entry_point)
+            _, after = _run(sandbox, "selfcheck/canonical", index, *_CANONICAL_JOB)
             replaced = before is not None and _runners_started(sandbox) != before
             reasons = []
             if result.status not in case.expected:
@@ -428,4 +622,13 @@ def format_rows(rows: list[CheckResult]) -> str:
     )
 
 
-__all__ = ["CASES", "CheckResult", "HostileCase", "check_sandbox", "format_rows"]
+__all__ = [
+    "CANONICAL",
+    "CANONICAL_TEST",
+    "CASES",
+    "FORGERIES",
+    "CheckResult",
+    "HostileCase",
+    "check_sandbox",
+    "format_rows",
+]

@@ -8,6 +8,7 @@ import time
 import docker
 import pytest
 
+from evalpipe.program import judged_job
 from evalpipe.records import SampleKey, SandboxLimits, Task
 from evalpipe.sandbox.base import Job
 from evalpipe.sandbox.docker import LABEL, DockerSandbox, _Demultiplexer
@@ -96,9 +97,10 @@ def test_a_dead_container_is_removed_when_replaced(client: docker.DockerClient, 
 
 
 def test_humaneval_canonical_solutions_all_pass(humaneval_tasks: list[Task], image: str) -> None:
-    """All 164 reference solutions pass in the container: its Python has every module they import."""
+    """All 164 reference solutions pass in the container, judged from the judge process: its Python has every
+    module they import, and every test's calls cross the boundary."""
     jobs = [
-        _job(0, f"{t.prompt}{t.canonical_solution}\n{t.test}\ncheck({t.entry_point})\n", task=t.id)
+        judged_job(SampleKey(model="m", backend="none", task_id=t.id, index=0), t, t.canonical_solution or "")
         for t in humaneval_tasks
     ]
     box = DockerSandbox(SandboxLimits(), workers=2)

