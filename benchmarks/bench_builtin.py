@@ -32,8 +32,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from evalpipe.completion import code_block, find_stop, json_field
 from evalpipe.engines.builtin import RECIPE, build_builtin
-from evalpipe.prompting import code_block, cut_at_stop, json_field
 
 STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
 """tasks/humaneval.toml's stop sequences."""
@@ -90,8 +90,8 @@ def count(run: Path) -> None:
             raw = r["raw_text"]
             prompt = prompts[r["key"]["task_id"]]
             # The prompt ends with a newline, so a completion that starts with "def " starts a top-level line.
-            framed = "\n" + raw
-            cut = cut_at_stop(framed, STOPS)[1:]
+            match = find_stop(raw, STOPS, lead="\n")
+            cut = raw if match is None else raw[: match.code_end]
             if r["finish_reason"] in ("stop", "grammar_end"):
                 how["stop sequence" if len(cut) < len(raw) else "EOS"] += 1
             elif len(cut) < len(raw) and r["n_output_tokens"] <= max_tokens:

@@ -157,7 +157,8 @@ def code_block(text: str) -> str:
     return match.group(1) if match else text
 
 
-def _json_field(text: str, field: str) -> str | None:
+def json_field(text: str, field: str) -> str | None:
+    """The string value of `field` in the JSON object `text`, or None where there is no such value."""
     try:
         value = json.loads(text)
     except (ValueError, RecursionError):
@@ -191,7 +192,7 @@ def complete(suite: Suite, task: Task, raw: str) -> Completion:
         if kind != "json" or not field:
             error = f"unknown extraction rule {rule!r} (known: json:FIELD)"
             return Completion(ended, ended, stop, error, reasoning)
-        found = _json_field(ended, field)
+        found = json_field(ended, field)
         if found is None:
             error = f"the output is not a JSON object with a string field {field!r}"
             return Completion(ended, ended, stop, error, reasoning)

@@ -6,8 +6,9 @@ import ast
 import sysconfig
 from pathlib import Path
 
+from evalpipe.completion import code_block, json_field
 from evalpipe.engines import builtin
-from evalpipe.prompting import CHAT_INSTRUCTION, code_block, instruction, json_field
+from evalpipe.prompting import CHAT_INSTRUCTION, instruction
 from evalpipe.suites import load_suite
 
 MODULE = '''"""A module."""
