@@ -567,9 +567,12 @@ def test_end_to_end_unconstrained_streams_tokens_and_stops(tiny_model: Path) -> 
     chunks = [json.loads(event) for event in events[:-1]]
     texts = [c["choices"][0]["text"] for c in chunks if c["choices"]]
     assert len(texts) > 2  # token by token, not one piece at the end
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 12
+    assert chunks[-1]["choices"] == []
     assert "".join(texts) == whole["choices"][0]["text"]  # greedy: the same text streamed or not
-    assert whole["choices"][0]["finish_reason"] == "length"
+    # The random model ends at max tokens or at EOS (it has no stop sequences here).
+    used, finish = chunks[-1]["usage"]["completion_tokens"], whole["choices"][0]["finish_reason"]
+    assert (used, finish) == (12, "length") or (used < 12 and finish == "stop"), (used, finish)
+    assert whole["usage"]["completion_tokens"] == used
 
 
 @pytest.mark.usefixtures("cache")
