@@ -397,7 +397,14 @@ class OpenAIEngine:
             raise UserError(f"warm-up failed: {error}") from None
         for name, generation in (("first", done[0]), ("warm", done[-1])):
             if generation.error is not None and generation.finish_reason == "error":
-                raise UserError(f"{self._where()} rejects the warm-up request: {generation.error}")
+                hint = ""
+                if self._stops and "stop" in generation.error.lower():
+                    # vLLM's server takes at most $VLLM_MAX_STOP_STRINGS (default 4) stop sequences.
+                    hint = (
+                        f" (the suite sends {len(self._stops)} stop sequences, every arm the same; a vLLM "
+                        f"server takes them when started with VLLM_MAX_STOP_STRINGS={len(self._stops)}+)"
+                    )
+                raise UserError(f"{self._where()} rejects the warm-up request: {generation.error}{hint}")
             if generation.finish_reason == "timeout":
                 raise UserError(
                     f"the warm-up request to {self._where()} did not finish within --engine-arg "
