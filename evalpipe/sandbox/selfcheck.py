@@ -80,6 +80,7 @@ ADD_TEST = (
 )
 """The test of the forgery attempts: each program's `add` is wrong, so only a forged verdict passes."""
 SORT_TEST = "def check(candidate):\n    assert candidate([3, 1, 2]) == [1, 2, 3]\n"
+FLOAT_TEST = "def check(candidate):\n    assert abs(candidate(1.5, 1.5) - 3.0) < 1e-6\n"
 _FORGED_FRAMES = (
     # What the judge would read from a program that answered, and what the runner would take for a verdict.
     "fake = [b'\\x00\\x00\\x00\\x09[\"ready\"]', b'\\x00\\x00\\x00\\x08[\"ok\",5]',\n"
@@ -87,7 +88,7 @@ _FORGED_FRAMES = (
 )
 
 
-def _forgery(name: str, program: str, expected: str = "failed", test: str = ADD_TEST) -> HostileCase:
+def _forgery(name: str, program: str, expected: str = "failed", *, test: str = ADD_TEST) -> HostileCase:
     entry = "sort_list" if test is SORT_TEST else "add"
     return HostileCase(name, program, frozenset({expected}), test=test, entry_point=entry)
 
@@ -95,42 +96,42 @@ def _forgery(name: str, program: str, expected: str = "failed", test: str = ADD_
 FORGERIES: tuple[HostileCase, ...] = (
     _forgery(
         "forgery: walking frames for the verdict's secret",
-        "import gc, os, sys\n"
+        "import os, sys\n"
         "def add(a, b):\n"
-        "    found = set()\n"
+        "    secrets = set()\n"
         "    frame = sys._getframe()\n"
         "    while frame is not None:\n"
         "        for value in [*frame.f_locals.values(), *frame.f_globals.values()]:\n"
-        "            if isinstance(value, (bytes, int)):\n"
-        "                found.add(value)\n"
+        "            if isinstance(value, bytes) and len(value) == 32:\n"
+        "                secrets.add(value)\n"
         "        frame = frame.f_back\n"
-        "    for value in gc.get_objects():\n"
-        "        if isinstance(value, bytes) and len(value) == 32:\n"
-        "            found.add(value)\n"
-        "    pipes = [v for v in found if isinstance(v, int) and 2 < v < 1024]\n"
-        "    for fd in pipes + list(range(3, 64)):\n"
-        "        for secret in [v for v in found if isinstance(v, bytes)]:\n"
+        "    for secret in secrets:\n"
+        "        for fd in range(3, 64):\n"
         "            try:\n"
         "                os.write(fd, secret)\n"
         "            except OSError:\n"
         "                pass\n"
-        "    return 0\n",
+        "    os._exit(0)\n",
+        "exited_early",
     ),
     _forgery(
         "forgery: walking frames at module level",
         "import os, sys\n"
+        "secrets = set()\n"
         "frame = sys._getframe()\n"
         "while frame is not None:\n"
-        "    for name, value in list(frame.f_locals.items()):\n"
-        "        if isinstance(value, bytes):\n"
-        "            for fd in range(3, 64):\n"
-        "                try:\n"
-        "                    os.write(fd, value)\n"
-        "                except OSError:\n"
-        "                    pass\n"
+        "    secrets |= {v for v in frame.f_locals.values() if isinstance(v, bytes) and len(v) == 32}\n"
         "    frame = frame.f_back\n"
+        "for secret in secrets:\n"
+        "    for fd in range(3, 64):\n"
+        "        try:\n"
+        "            os.write(fd, secret)\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "os._exit(0)\n"
         "def add(a, b):\n"
         "    return 0\n",
+        "exited_early",
     ),
     _forgery(
         "forgery: an object equal to everything",
@@ -165,11 +166,11 @@ FORGERIES: tuple[HostileCase, ...] = (
         "forgery: patched builtins at module level",
         "import builtins, operator\n"
         "builtins.AssertionError = type('Ignored', (Exception,), {})\n"
-        "builtins.isinstance = lambda *args: True\n"
         "builtins.abs = lambda value: 0\n"
         "operator.eq = lambda a, b: True\n"
         "def add(a, b):\n"
-        "    return 0\n",
+        "    return 0.5\n",
+        test=FLOAT_TEST,
     ),
     _forgery(
         "forgery: patching the runner's and json's functions",
