@@ -17,8 +17,9 @@
    printed (the host is shared), and the *paired* ratio: the median over all batches of a backend's speed on
    a batch against `none`'s on the same prompts right next to it (the estimate a shared host disturbs least).
    With each grammar backend, the engine's mask time per token is split into the part hidden behind the
-   forward pass (the engine fills the next step's masks on a mask thread while the forward pass runs) and the
-   part that was not (`mask_unhidden_s_per_token`: handing the fill over, waiting for it, applying it).
+   forward pass (the engine fills the next step's masks on its mask threads while the forward pass runs;
+   `EVALPIPE_MASK_THREADS`, none by default on 2 cores) and the part that was not
+   (`mask_unhidden_s_per_token`: handing the fill over, waiting for it, applying it).
 
     python benchmarks/bench_masks.py                       # built-in model, the suite's grammar
     python benchmarks/bench_masks.py --lark G.lark --gbnf G.gbnf --tasks 6 --max-tokens 96
