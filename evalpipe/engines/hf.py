@@ -15,7 +15,7 @@ The decode loop is our own (not `model.generate`) so that masking, stopping and 
   (see `_MaskFill`), then applies all rows to the logits in one `xgrammar.apply_token_bitmask_inplace` call
   (its native CPU kernel on CPU: llguidance's own apply is `torch.compile`d and costs over a minute on its
   first CPU call). Both matchers allow EOS only where the grammar accepts, so a sequence ends with
-  `grammar_end` when EOS is chosen there; a token a matcher rejects ends its sequence with an error, as before.
+  `grammar_end` when EOS is chosen there; a token a matcher rejects ends its sequence with an error.
 - **Grammars** are compiled once per engine and held for its life. A slow XGrammar compile (see
   `XGRAMMAR_DISK_CACHE_MIN_S`) is also kept on disk (`CompiledGrammar.serialize_json`, under
   `<cache>/xgrammar/`), keyed by the grammar's sha256, the tokenizer's vocabulary, the mask width, the stop
