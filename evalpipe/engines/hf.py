@@ -6,15 +6,16 @@ The decode loop is our own (not `model.generate`) so that masking, stopping and 
   step for every unfinished sequence of the batch, prompts left-padded, with an attention mask and explicit
   position ids so that padding changes nothing (greedy output is the same at any batch size). Finished
   sequences are dropped from the KV cache (`DynamicCache.batch_select_indices`) so they cost nothing more.
-- **Masks.** Each step's masks are filled while that step's forward pass runs: both depend only on the tokens
-  chosen so far, so once a step's tokens are chosen and accepted into the matchers (`_advance`), the mask
-  threads (`mask_threads`) start filling one int32 bitmask row per constrained sequence and the decoding
-  thread starts the forward pass. Both backends release the GIL while they fill a row, as torch does inside
-  its kernels, so the two run side by side. When the forward pass is done, the decoding thread fills the
-  rows no mask thread has taken yet (see `_MaskFill`), then applies all rows to the logits in one
-  `xgrammar.apply_token_bitmask_inplace` call (its native CPU kernel on CPU: llguidance's own apply is
-  `torch.compile`d and costs over a minute on its first CPU call). Both matchers allow EOS only where the
-  grammar accepts; a token a matcher rejects ends its sequence with an error.
+- **Masks.** Each step's masks can be filled while that step's forward pass runs: both depend only on the
+  tokens chosen so far, so once a step's tokens are chosen and accepted into the matchers (`_advance`), the
+  mask threads (`mask_threads`; none by default on 2 cores) start filling one int32 bitmask row per
+  constrained sequence and the decoding thread starts the forward pass. llguidance releases the GIL while it
+  fills a row, as torch does inside its kernels, so the two run side by side (XGrammar 0.2.8 holds it: no
+  overlap). When the forward pass is done, the decoding thread fills the rows no mask thread has taken yet
+  (see `_MaskFill`), then applies all rows to the logits in one `xgrammar.apply_token_bitmask_inplace` call
+  (its native CPU kernel on CPU: llguidance's own apply is `torch.compile`d and costs over a minute on its
+  first CPU call). Both matchers allow EOS only where the grammar accepts; a token a matcher rejects ends its
+  sequence with an error.
 - **Ending** follows `evalpipe.completion` in every arm: EOS, the suite's stop sequences (checked on the
   decoded tail, a stop at the very start included; constrained arms too, where the grammar lets them write
   one), or max tokens.
@@ -137,22 +138,25 @@ def cpu_threads() -> int:
 
 def mask_threads() -> int:
     """Threads that fill token masks beside the forward pass: `$EVALPIPE_MASK_THREADS`, else the usable cores
-    that torch does not take (at least one).
+    left after torch's (`cpu_threads`) and one more, for the sandbox and the rest of the host. 0: no overlap,
+    the decoding thread fills every row after the forward pass (as before issue 14).
 
-    Torch keeps its half (see `cpu_threads`): its pool stalls at every op when one of its cores is busy, and
-    the forward pass is the critical path. The masks take the other half, which they share with the sandbox:
-    a mask thread works only during the fill of each step, its rows are independent (a busy core delays
-    that thread alone, no barrier), and it is hidden as long as it ends before the forward pass does. On two
-    cores: one torch thread, one mask thread (and the decoding thread fills rows too once its forward pass is
-    done).
+    Torch keeps its half: its pool stalls at every op when one of its cores is busy, and the forward pass is
+    the critical path. A mask thread only pays where it has a core of its own: with none free, waking it and
+    passing the GIL to and fro costs the decoding thread about what the fill it hides saves (a small model's
+    forward pass is mostly Python, which holds the GIL). Measured on a shared 2-core host (load 3-4), guidance
+    against `none`, paired per batch, 4 runs each: 0.87-0.91x at batch size 1 and 0.70-0.92x at 8 with a
+    mask thread, 0.91-0.94x and 0.82-0.87x without. XGrammar 0.2.8's fill holds the GIL (its tvm-ffi
+    binding), so it does not overlap a Python forward pass at all (0.39x vs 0.40x at batch size 1). So
+    2 cores: none; 4: one; 16: seven.
     """
     configured = os.environ.get("EVALPIPE_MASK_THREADS")
     if configured:
         try:
-            return max(1, int(configured))
+            return max(0, int(configured))
         except ValueError:
             raise UserError(f"EVALPIPE_MASK_THREADS must be a number, not {configured!r}") from None
-    return max(1, len(os.sched_getaffinity(0)) - cpu_threads())
+    return max(0, len(os.sched_getaffinity(0)) - cpu_threads() - 1)
 
 
 def online() -> bool:
@@ -474,8 +478,9 @@ class _MaskFill:
     """One step's token masks: row i of `bitmask` for `slots[i]`, filled row by row by the mask threads while
     the forward pass runs, and by the decoding thread itself once the forward pass is done (`finish`).
 
-    Both backends release the GIL while they fill a row, so rows fill in parallel, and beside torch's kernels
-    (which release it too). A row is taken by exactly one thread. The decoding thread joining in means a
+    llguidance releases the GIL while it fills a row, so its rows fill in parallel and beside the forward
+    pass (torch releases the GIL inside its kernels); XGrammar 0.2.8 holds it. A row is taken by exactly one
+    thread. The decoding thread joining in means a
     mask thread that the OS has not scheduled yet (a shared, busy host) never makes a step wait longer than
     filling every row on the decoding thread would, and a fill longer than the forward pass gets every thread.
     """

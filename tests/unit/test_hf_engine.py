@@ -345,8 +345,10 @@ def serial_greedy_ids(suite: Suite, model: Path, backend: str) -> list[list[int]
 
 @pytest.mark.parametrize("backend", ["guidance", "xgrammar"])
 def test_overlapped_masks_keep_greedy_output_at_every_batch_size(
-    tmp_path: Path, model_dir: Path, backend: str
+    tmp_path: Path, model_dir: Path, backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Two mask threads and the decoding thread race for the rows (the default on a 2-core host is none).
+    monkeypatch.setenv("EVALPIPE_MASK_THREADS", "2")
     suite = tiny_suite(
         tmp_path / "python",
         lark=(GRAMMARS / "python_body.lark").read_text(),
@@ -359,8 +361,10 @@ def test_overlapped_masks_keep_greedy_output_at_every_batch_size(
     assert any(len(ids) > 10 for ids in by_batch[1])  # masks at many steps, not just the first
 
 
-def test_close_stops_the_mask_threads(suite: Suite, model_dir: Path) -> None:
+def test_close_stops_the_mask_threads(suite: Suite, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
+
+    monkeypatch.setenv("EVALPIPE_MASK_THREADS", "1")
 
     def mask_threads() -> int:
         return sum(thread.name == "evalpipe-masks" for thread in threading.enumerate())
