@@ -8,6 +8,7 @@ did not write yourself.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -25,10 +26,19 @@ WARNING = (
     "the 'process' sandbox is for development: programs run on this host with resource limits but without "
     "filesystem or network isolation; use --sandbox docker for untrusted code"
 )
-JOB_UID_BASE = 61000
-"""As root, worker k runs programs as uid JOB_UID_BASE + k, so that RLIMIT_NPROC and cleanup see only them."""
-JUDGE_UID_BASE = 62000
-"""As root, worker k runs judges as uid JUDGE_UID_BASE + k: a program cannot signal or trace its judge."""
+UID_RANGE = (1_000_000, 1_000_000_000)
+"""As root, each runner runs its programs under a job uid and its judge under a judge uid of its own, drawn
+at random from here (far above any real account): RLIMIT_NPROC and the clean-up after each program (which
+kills every process of the job uid) then see only that runner's programs, also when several sandboxes run
+on one host at once (Ray's sandbox workers, parallel runs), and a program cannot signal or trace its judge."""
+
+
+def _fresh_uids() -> tuple[int, int]:
+    job = UID_RANGE[0] + secrets.randbelow(UID_RANGE[1] - UID_RANGE[0])
+    judge = job
+    while judge == job:
+        judge = UID_RANGE[0] + secrets.randbelow(UID_RANGE[1] - UID_RANGE[0])
+    return job, judge
 
 
 class _SubprocessRunner(RunnerConnection):
@@ -36,7 +46,8 @@ class _SubprocessRunner(RunnerConnection):
         super().__init__()
         command = [sys.executable, "-I", "-S", str(runner_script()), "--work-root", str(work_root)]
         if slot is not None:
-            command += ["--job-uid", str(JOB_UID_BASE + slot), "--judge-uid", str(JUDGE_UID_BASE + slot)]
+            job_uid, judge_uid = _fresh_uids()
+            command += ["--job-uid", str(job_uid), "--judge-uid", str(judge_uid)]
         self._process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
         )
