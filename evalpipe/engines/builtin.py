@@ -199,8 +199,11 @@ def function_documents(source: str) -> list[str]:
     return documents
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (GPT-2 style: every byte is representable) with EOS and PAD tokens."""
+def train_tokenizer(
+    texts: list[str], vocab_size: int, extra_special_tokens: tuple[str, ...] = ()
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 style: every byte is representable) with EOS, PAD and any extra
+    special tokens (the built-in model's chat roles)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -209,7 +212,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN, PAD_TOKEN, *ROLE_TOKENS],
+        special_tokens=[EOS_TOKEN, PAD_TOKEN, *extra_special_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -316,7 +319,7 @@ def build_builtin(out: Path, recipe: dict[str, Any], progress: bool = True) -> d
         bar.update(task, info=f"{len(texts)} files, {len(documents)} functions")
 
         bar.update(task, description="training the tokenizer")
-        tokenizer = train_tokenizer(documents, r["vocab_size"])
+        tokenizer = train_tokenizer(documents, r["vocab_size"], ROLE_TOKENS)
         tokenizer.chat_template = CHAT_TEMPLATE
         chats = chat_documents(tokenizer, documents, r["chat_share"], r["chat_instructions"])
         documents = documents + chats

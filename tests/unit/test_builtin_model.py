@@ -112,7 +112,7 @@ def test_a_chat_exchange_asks_with_the_docstring_and_answers_with_the_function()
 def test_chat_documents_follow_the_chat_template() -> None:
     root = Path(sysconfig.get_paths()["stdlib"])
     documents = builtin.training_documents(builtin.read_corpus([root / "textwrap.py"]), seed=1)
-    tokenizer = builtin.train_tokenizer(documents, 400)
+    tokenizer = builtin.train_tokenizer(documents, 400, builtin.ROLE_TOKENS)
     tokenizer.chat_template = builtin.CHAT_TEMPLATE
     instructions = builtin.RECIPE["chat_instructions"]
     chats = builtin.chat_documents(tokenizer, documents, 0.5, instructions)
@@ -133,7 +133,7 @@ def test_chat_documents_follow_the_chat_template() -> None:
 def test_a_document_is_encoded_as_the_engine_encodes_its_prompt_and_then_the_rest() -> None:
     root = Path(sysconfig.get_paths()["stdlib"])
     documents = builtin.training_documents(builtin.read_corpus([root / "textwrap.py"]), seed=1)
-    tokenizer = builtin.train_tokenizer(documents, 400)
+    tokenizer = builtin.train_tokenizer(documents, 400, builtin.ROLE_TOKENS)
     document = 'import os\n\n\ndef f(path):\n    """Doc."""\n    return os.sep\n'
     prompt = document[: builtin.prompt_length(document)]
     assert prompt == 'import os\n\n\ndef f(path):\n    """Doc."""\n'
