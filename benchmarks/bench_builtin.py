@@ -92,7 +92,9 @@ def count(run: Path) -> None:
             # The prompt ends with a newline, so a completion that starts with "def " starts a top-level line.
             match = find_stop(raw, STOPS, lead="\n")
             cut = raw if match is None else raw[: match.code_end]
-            if r["finish_reason"] in ("stop", "grammar_end"):
+            if chat:
+                how["not ended" if r["finish_reason"] == "length" else "EOS"] += 1
+            elif r["finish_reason"] in ("stop", "grammar_end"):
                 how["stop sequence" if len(cut) < len(raw) else "EOS"] += 1
             elif len(cut) < len(raw) and r["n_output_tokens"] <= max_tokens:
                 how["stop sequence the engine missed"] += 1

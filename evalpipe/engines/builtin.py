@@ -57,7 +57,8 @@ RECIPE: dict[str, Any] = {
     # The corpus depends on the Python version, so the model does too.
     "python": f"{sys.version_info.major}.{sys.version_info.minor}",
     "corpus": "stdlib *.py, without test/tests/idle_test/lib2to3/site-packages, sorted by path",
-    "documents": "each top-level function with the imports it uses, then EOS (function_documents)",
+    "documents": "each top-level function with the imports it uses, then EOS (function_documents); "
+    "prompt and rest encoded apart (encode_documents)",
     # A share of the functions also appear as chat exchanges, in the chat suites' instruction formats (copies
     # of evalpipe.prompting.CHAT_INSTRUCTION and tasks/humaneval_json.toml's instruction; the unit test checks
     # them): the user asks with the signature and docstring, the reply is the function, fenced or as JSON.
@@ -84,7 +85,7 @@ RECIPE: dict[str, Any] = {
     "max_position_embeddings": 2048,
     "seq_len": 256,
     "batch_size": 8,
-    "steps": 600,
+    "steps": 400,
     "lr": 3e-3,
     "warmup_steps": 30,
     "weight_decay": 0.01,
@@ -198,8 +199,11 @@ def function_documents(source: str) -> list[str]:
     return documents
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (GPT-2 style: every byte is representable) with EOS and PAD tokens."""
+def train_tokenizer(
+    texts: list[str], vocab_size: int, extra_special_tokens: tuple[str, ...] = ()
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 style: every byte is representable) with EOS, PAD and any extra
+    special tokens (the built-in model's chat roles)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -208,7 +212,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN, PAD_TOKEN, *ROLE_TOKENS],
+        special_tokens=[EOS_TOKEN, PAD_TOKEN, *extra_special_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -315,7 +319,7 @@ def build_builtin(out: Path, recipe: dict[str, Any], progress: bool = True) -> d
         bar.update(task, info=f"{len(texts)} files, {len(documents)} functions")
 
         bar.update(task, description="training the tokenizer")
-        tokenizer = train_tokenizer(documents, r["vocab_size"])
+        tokenizer = train_tokenizer(documents, r["vocab_size"], ROLE_TOKENS)
         tokenizer.chat_template = CHAT_TEMPLATE
         chats = chat_documents(tokenizer, documents, r["chat_share"], r["chat_instructions"])
         documents = documents + chats
@@ -325,10 +329,9 @@ def build_builtin(out: Path, recipe: dict[str, Any], progress: bool = True) -> d
         eos = tokenizer.eos_token_id
         stream: list[int] = []
         starts: list[int] = []
-        # The backend tokenizer itself: long documents exceed model_max_length, fine for a token stream.
-        for encoding in tokenizer.backend_tokenizer.encode_batch(documents, add_special_tokens=False):
+        for ids in encode_documents(tokenizer, documents):
             starts.append(len(stream))
-            stream += [*encoding.ids, eos]  # EOS after each function: the model learns to end one
+            stream += [*ids, eos]  # EOS after each function: the model learns to end one
         data = torch.tensor(stream, dtype=torch.long)
         # Training windows begin where a document begins, as a prompt does.
         window_starts = torch.tensor([s for s in starts if s + r["seq_len"] <= len(stream)], dtype=torch.long)
@@ -382,6 +385,49 @@ def training_documents(texts: list[str], seed: int) -> list[str]:
     return documents
 
 
+def prompt_length(document: str) -> int:
+    """Where the prompt of a training document ends, as a suite's prompt would end it.
+
+    A function document's prompt is its imports, signature and docstring (the signature alone where it has
+    no docstring), through the newline that ends them: what a HumanEval prompt is. A chat document's prompt
+    is the rendered conversation through the generation prompt.
+    """
+    marker = f"{ROLE_TOKENS[2]}\n"
+    if document.startswith(ROLE_TOKENS[1]):
+        return document.index(marker) + len(marker)
+    function = ast.parse(document).body[-1]
+    assert isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef)
+    first = function.body[0]
+    has_docstring = (
+        isinstance(first, ast.Expr)
+        and isinstance(first.value, ast.Constant)
+        and isinstance(first.value.value, str)
+    )
+    assert first.end_lineno is not None
+    n_lines = first.end_lineno if has_docstring else first.lineno - 1
+    return sum(map(len, document.splitlines(keepends=True)[:n_lines]))
+
+
+def encode_documents(tokenizer: PreTrainedTokenizerFast, documents: list[str]) -> list[list[int]]:
+    """Each document's token ids, its prompt (`prompt_length`) and the rest encoded apart.
+
+    The engine encodes a prompt on its own, so the prompt's last token is the one that ends its text: a
+    prompt that ends with a newline ends with a lone newline token, where the whole file would have merged
+    that newline with the next line's indentation. Encoded whole, the only lone newline in training would be
+    the one before EOS, and the model would end every completion at once.
+    """
+    cuts = [prompt_length(document) for document in documents]
+    backend = tokenizer.backend_tokenizer
+    # The backend tokenizer itself: long documents exceed model_max_length, fine for a token stream.
+    heads = backend.encode_batch(
+        [d[:cut] for d, cut in zip(documents, cuts, strict=True)], add_special_tokens=False
+    )
+    tails = backend.encode_batch(
+        [d[cut:] for d, cut in zip(documents, cuts, strict=True)], add_special_tokens=False
+    )
+    return [[*head.ids, *tail.ids] for head, tail in zip(heads, tails, strict=True)]
+
+
 def chat_reply(document: str, instruction: str, answer: str) -> tuple[str, str] | None:
     """A chat exchange made from a function document, in the shape the chat suites ask for.
 
@@ -389,19 +435,11 @@ def chat_reply(document: str, instruction: str, answer: str) -> tuple[str, str] 
     prompt is); the reply is the whole document, in a ```python fence (`answer="fence"`) or as the JSON object
     {"code": ...} (`answer="json"`). None for a function without a docstring.
     """
-    tree = ast.parse(document)
-    function = tree.body[-1]
+    function = ast.parse(document).body[-1]
     assert isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef)
-    first = function.body[0]
-    if not (
-        isinstance(first, ast.Expr)
-        and isinstance(first.value, ast.Constant)
-        and isinstance(first.value.value, str)
-    ):
+    if ast.get_docstring(function, clean=False) is None:
         return None
-    assert first.end_lineno is not None
-    prompt = "".join(document.splitlines(keepends=True)[: first.end_lineno])
-    user = instruction.replace("{prompt}", prompt)
+    user = instruction.replace("{prompt}", document[: prompt_length(document)])
     if answer == "fence":
         return user, f"```python\n{document}```"
     if answer == "json":

@@ -113,7 +113,7 @@ def test_a_chat_exchange_asks_with_the_docstring_and_answers_with_the_function()
 def test_chat_documents_follow_the_chat_template() -> None:
     root = Path(sysconfig.get_paths()["stdlib"])
     documents = builtin.training_documents(builtin.read_corpus([root / "textwrap.py"]), seed=1)
-    tokenizer = builtin.train_tokenizer(documents, 400)
+    tokenizer = builtin.train_tokenizer(documents, 400, builtin.ROLE_TOKENS)
     tokenizer.chat_template = builtin.CHAT_TEMPLATE
     instructions = builtin.RECIPE["chat_instructions"]
     chats = builtin.chat_documents(tokenizer, documents, 0.5, instructions)
@@ -129,3 +129,19 @@ def test_chat_documents_follow_the_chat_template() -> None:
     assert prompt == "<|user|>\nhi<|assistant|>\n"
     tokens = tokenizer.convert_ids_to_tokens(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     assert tokens[0] == "<|user|>" and "<|assistant|>" in tokens
+
+
+def test_a_document_is_encoded_as_the_engine_encodes_its_prompt_and_then_the_rest() -> None:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    documents = builtin.training_documents(builtin.read_corpus([root / "textwrap.py"]), seed=1)
+    tokenizer = builtin.train_tokenizer(documents, 400, builtin.ROLE_TOKENS)
+    document = 'import os\n\n\ndef f(path):\n    """Doc."""\n    return os.sep\n'
+    prompt = document[: builtin.prompt_length(document)]
+    assert prompt == 'import os\n\n\ndef f(path):\n    """Doc."""\n'
+    assert builtin.prompt_length("def g(a,\n      b):\n    return a\n") == len("def g(a,\n      b):\n")
+    (ids,) = builtin.encode_documents(tokenizer, [document])
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert ids[: len(prompt_ids)] == prompt_ids and tokenizer.decode(ids) == document
+    assert tokenizer.convert_ids_to_tokens(prompt_ids)[-1] == "Ċ"  # the lone newline a prompt ends with
+    chat = "<|user|>\nask<|assistant|>\n```python\nx = 1\n```"
+    assert chat[: builtin.prompt_length(chat)] == "<|user|>\nask<|assistant|>\n"
