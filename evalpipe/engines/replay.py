@@ -86,16 +86,19 @@ class SamplesEngine:
         self._model = model
         self._samples: dict[str, list[str]] = {}
         self._allow_partial = config.allow_partial
+        self._limit = config.limit
         self._covered: tuple[int, int] | None = None
 
     def plan(self, tasks: Sequence[Task]) -> list[GenerationRequest]:
         self._samples = read_samples(self._path, {task.id for task in tasks})
-        missing = [task.id for task in tasks if task.id not in self._samples]
-        self._covered = (len(tasks) - len(missing), len(tasks))
+        # The tasks the run scores: `--limit N` keeps the first N (samples for the others are known ids).
+        selected = tasks[: self._limit] if self._limit else tasks
+        missing = [task.id for task in selected if task.id not in self._samples]
+        self._covered = (len(selected) - len(missing), len(selected))
         if missing and not self._allow_partial:
             # pass@k averages over tasks: a score over some of them is not the suite's score.
             raise UserError(
-                f"{self._path}: no samples for {len(missing)} of the suite's {len(tasks)} tasks "
+                f"{self._path}: no samples for {len(missing)} of the run's {len(selected)} tasks "
                 f"(first: {missing[0]}); pass --allow-partial to score only the tasks it covers"
             )
         return [

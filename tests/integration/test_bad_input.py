@@ -43,7 +43,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     "unknown sandbox": (["--engine", "reference", "--sandbox", "dokcer"], "did you mean 'docker'"),
     "backend for a replay engine": (["--engine", "reference", "-b", "guidance"], "takes no backend"),
     "k larger than n": (["--samples", "{one_sample}", "--allow-partial", "-k", "10"], "k=10 is larger"),
-    "samples for some tasks only": (["--samples", "{one_sample}"], "no samples for 163 of the suite's 164"),
+    "samples for some tasks only": (["--samples", "{one_sample}"], "no samples for 163 of the run's 164"),
     "zero k": (["--samples", "{one_sample}", "-k", "0"], "--k"),
     "zero limit": (["--engine", "reference", "--limit", "0"], "--limit"),
     "negative limit": (["--engine", "reference", "--limit", "-3"], "--limit"),

@@ -243,8 +243,11 @@ def test_partial_samples_are_scored_only_when_asked(cli: Callable[..., CliResult
     args = ("run", "humaneval", "--samples", samples, "--sandbox", "process", "--runs-dir", tmp_path / "r")
     code, _, err = cli(*args)
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "no samples for 162 of the suite's 164 tasks" in err and "--allow-partial" in err
+    assert "no samples for 162 of the run's 164 tasks" in err and "--allow-partial" in err
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").iterdir())
+    # `--limit 2` runs only those two tasks: the file covers the run, so nothing is partial.
+    code, _, err = cli(*args[:-1], tmp_path / "limited", "--limit", "2")
+    assert code == 0 and "partial score" not in err, err
     code, _, err = cli(*args, "--allow-partial")
     assert code == 0, err
     run = _only_run(tmp_path / "r")
